@@ -1,0 +1,246 @@
+"""Reading MultiClinSum, splitting it per language, and the Stage 1 -> Stage 2 join.
+
+Prepared data is one JSONL file per split with records {id, lang, report, summary, split}.
+Texts are kept verbatim (trailing newline included, as in the release files); prompt
+formatting strips them later. Errors name the file or record id and say what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable
+
+from distil.config import LANGUAGES
+
+SPLITS = ("train", "valid", "test")
+RELEASE_DIR = re.compile(r"^(?P<name>.+)_(?P<lang>[a-z]{2})$")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or record and the fix."""
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _check_record(record: dict, where: str, languages: Iterable[str]) -> dict:
+    for key in ("id", "lang", "report", "summary"):
+        if not isinstance(record.get(key), str):
+            raise DataError(f"{where}: field {key!r} missing or not a string; each record needs id, lang, report, summary")
+    if record["lang"] not in languages:
+        raise DataError(
+            f"{where}: record {record['id']!r} has unknown language {record['lang']!r}; "
+            f"supported: {sorted(languages)} (data.languages in the config)"
+        )
+    for key in ("report", "summary"):
+        if not record[key].strip():
+            raise DataError(f"{where}: record {record['id']!r} has an empty {key}; remove the record or fill it in")
+    return {key: record[key] for key in ("id", "lang", "report", "summary")}
+
+
+def read_release_folder(folder: Path, languages: Iterable[str] = LANGUAGES) -> list[dict]:
+    """One `<name>_<lang>/` folder of the release: fulltext/<id>.txt paired with summaries/<id>_sum.txt."""
+    match = RELEASE_DIR.match(folder.name)
+    if not match:
+        raise DataError(f"{folder}: expected a release folder named <name>_<lang> (e.g. multiclinsum_gs_train_en)")
+    lang = match["lang"]
+    fulltext, summaries = folder / "fulltext", folder / "summaries"
+    for sub in (fulltext, summaries):
+        if not sub.is_dir():
+            raise DataError(f"{folder}: missing sub-folder {sub.name}/; the release layout is fulltext/ + summaries/")
+    records = []
+    for report_path in sorted(fulltext.glob("*.txt"), key=lambda p: _natural_key(p.name)):
+        summary_path = summaries / f"{report_path.stem}_sum.txt"
+        if not summary_path.is_file():
+            raise DataError(
+                f"{report_path}: no summary file {summary_path}; add it or remove the report"
+            )
+        record = {"id": report_path.stem, "lang": lang,
+                  "report": _read_text(report_path), "summary": _read_text(summary_path)}
+        records.append(_check_record(record, str(report_path), languages))
+    if not records:
+        raise DataError(f"{fulltext}: no *.txt reports found")
+    return records
+
+
+def read_json_records(path: Path, languages: Iterable[str] = LANGUAGES) -> list[dict]:
+    """A .json list or a .jsonl file of {id, lang, report, summary}."""
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); one object per line") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records")
+        rows = [(f"{path}[{i}]", row) for i, row in enumerate(data)]
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with id, lang, report, summary")
+        out.append(_check_record(row, where, languages))
+    return out
+
+
+def load_sources(sources: Iterable[str | Path], languages: Iterable[str] = LANGUAGES) -> list[dict]:
+    """Every record of every source; a folder may be one release folder or hold several."""
+    languages = tuple(languages)
+    records: list[dict] = []
+    for source in map(Path, sources):
+        if source.is_file():
+            records += read_json_records(source, languages)
+        elif (source / "fulltext").is_dir():
+            records += read_release_folder(source, languages)
+        elif source.is_dir():
+            subfolders = sorted(p for p in source.iterdir() if (p / "fulltext").is_dir())
+            if not subfolders:
+                raise DataError(f"{source}: no release folders (<name>_<lang>/fulltext) inside")
+            for sub in subfolders:
+                records += read_release_folder(sub, languages)
+        else:
+            raise DataError(f"{source}: no such file or folder (data.sources in the config)")
+    seen: dict[str, int] = Counter(r["id"] for r in records)
+    duplicates = sorted(i for i, n in seen.items() if n > 1)
+    if duplicates:
+        raise DataError(f"duplicate report ids {duplicates[:5]} across {list(map(str, sources))}; ids must be unique")
+    return records
+
+
+def split_counts(n: int, fractions: list[float]) -> tuple[int, int, int]:
+    """Sizes of train/valid/test for n reports: train and valid rounded, test takes the rest."""
+    n_train = int(math.floor(n * fractions[0] + 0.5))
+    n_valid = min(n - n_train, int(math.floor(n * fractions[1] + 0.5)))
+    return n_train, n_valid, n - n_train - n_valid
+
+
+def split_records(records: list[dict], fractions: list[float], seed: int) -> dict[str, list[dict]]:
+    """Deterministic per-language split: sort ids, shuffle with `seed`, cut by `split_counts`."""
+    by_lang: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_lang[record["lang"]].append(record)
+    out: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for lang in sorted(by_lang):
+        group = sorted(by_lang[lang], key=lambda r: _natural_key(r["id"]))
+        random.Random(seed).shuffle(group)
+        n_train, n_valid, _ = split_counts(len(group), fractions)
+        bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, len(group))}
+        for split, (lo, hi) in bounds.items():
+            out[split] += [dict(r, split=split) for r in group[lo:hi]]
+    return out
+
+
+def crop(record: dict, report_chars: int | None, summary_chars: int | None) -> dict:
+    """The paper's character crop (2560 / 512), applied to train and valid only."""
+    return dict(record,
+                report=record["report"][:report_chars] if report_chars else record["report"],
+                summary=record["summary"][:summary_chars] if summary_chars else record["summary"])
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Write atomically (temp file + rename) so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not found; run launch/prepare_data.py first (data.prepared_dir in the config)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def dataset_stats(records: list[dict]) -> list[dict]:
+    """The paper's Dataset I table: per language, count and mean/min/max characters."""
+    rows = []
+    for lang in sorted({r["lang"] for r in records}):
+        group = [r for r in records if r["lang"] == lang]
+        row = {"lang": lang, "count": len(group)}
+        for key in ("report", "summary"):
+            lengths = [len(r[key]) for r in group]
+            row[key] = {"mean": round(statistics.fmean(lengths), 1), "min": min(lengths), "max": max(lengths)}
+        rows.append(row)
+    return rows
+
+
+def format_stats(rows: list[dict]) -> str:
+    lines = ["| lang | reports | report mean | min | max | summary mean | min | max |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        rep, summ = r["report"], r["summary"]
+        lines.append(f"| {r['lang']} | {r['count']} | {rep['mean']:.1f} | {rep['min']} | {rep['max']} "
+                     f"| {summ['mean']:.1f} | {summ['min']} | {summ['max']} |")
+    return "\n".join(lines)
+
+
+def load_key_info(path: str | Path) -> dict[str, str]:
+    """Teacher key information by report id, from the Stage 1 ledger (records with status 'ok')."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: key-information ledger not found; run Stage 1 (launch/annotate.py) "
+                        "or set data.key_info_path: null with loss.gamma: 1.0 for summary-only training")
+    key_info: dict[str, str] = {}
+    for lineno, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict) or "id" not in row:
+            raise DataError(f"{path}:{lineno}: ledger record without an id")
+        if row.get("status", "ok") == "ok" and isinstance(row.get("key_info"), str) and row["key_info"].strip():
+            key_info[row["id"]] = row["key_info"]
+    return key_info
+
+
+def training_examples(records: list[dict], key_info: dict[str, str], gamma: float) -> tuple[list[dict], dict]:
+    """Both tasks per report: summarize (gold summary) and, when gamma < 1, extract (teacher key info).
+
+    A report without key info is trained on the summary task only and counted.
+    """
+    examples, missing = [], 0
+    for record in records:
+        base = {"id": record["id"], "lang": record["lang"], "report": record["report"]}
+        examples.append(dict(base, task="summarize", answer=record["summary"]))
+        if gamma < 1.0:
+            if record["id"] in key_info:
+                examples.append(dict(base, task="extract", answer=key_info[record["id"]]))
+            else:
+                missing += 1
+    counts = {"reports": len(records), "summarize": len(records),
+              "extract": sum(e["task"] == "extract" for e in examples), "missing_key_info": missing}
+    return examples, counts

@@ -1,0 +1,80 @@
+"""Prepared records -> encoded examples of both tasks -> packed rows for the Trainer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from distil.data import load_key_info, read_jsonl, training_examples
+from distil.packing import pack_best_fit
+from distil.tokenization import encode_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackingStats:
+    reports: int
+    examples: int
+    extract_examples: int
+    missing_key_info: int
+    truncated: int
+    dropped_answer_too_long: int
+    rows: int
+    tokens: int
+    labelled_tokens: int
+    row_fill: float  # tokens / (rows * pack_length)
+
+
+class PackedRows(Dataset):
+    """Row i = a list of encoded examples whose lengths sum to at most pack_length."""
+
+    def __init__(self, rows: list[list[dict]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return self.rows[i]
+
+
+def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], gamma: float,
+                      max_length: int, pack_length: int) -> tuple[PackedRows, PackingStats]:
+    examples, counts = training_examples(records, key_info, gamma)
+    encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
+    kept = [e for e in encoded if e is not None]
+    rows = [[kept[i] for i in row] for row in pack_best_fit([len(e["input_ids"]) for e in kept], pack_length)]
+    tokens = sum(len(e["input_ids"]) for e in kept)
+    stats = PackingStats(
+        reports=counts["reports"], examples=len(kept), extract_examples=sum(e["task"] == "extract" for e in kept),
+        missing_key_info=counts["missing_key_info"], truncated=sum(e["truncated"] for e in kept),
+        dropped_answer_too_long=len(encoded) - len(kept), rows=len(rows), tokens=tokens,
+        labelled_tokens=sum(sum(t != -100 for t in e["labels"]) for e in kept),
+        row_fill=tokens / max(1, len(rows) * pack_length),
+    )
+    return PackedRows(rows), stats
+
+
+def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gamma: float,
+                    max_length: int, pack_length: int) -> tuple[PackedRows, PackingStats]:
+    records = read_jsonl(Path(prepared_dir) / "train.jsonl")
+    if gamma < 1.0 and key_info_path is None:
+        raise ValueError("loss.gamma < 1 trains the extraction task, which needs data.key_info_path "
+                         "(the Stage 1 ledger); set it, or set loss.gamma: 1.0 for the summary-only baseline")
+    key_info = load_key_info(key_info_path) if gamma < 1.0 else {}
+    rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length)
+    log.info("training data: %s", stats)
+    if stats.missing_key_info:
+        log.warning("%d of %d reports have no key information in %s: trained on the summary task only",
+                    stats.missing_key_info, stats.reports, key_info_path)
+    if stats.truncated:
+        log.warning("%d examples longer than train.max_length=%d had their report truncated (answers kept whole)",
+                    stats.truncated, max_length)
+    if stats.dropped_answer_too_long:
+        log.warning("%d examples dropped: their answer alone exceeds train.max_length=%d",
+                    stats.dropped_answer_too_long, max_length)
+    return rows, stats

@@ -1,0 +1,65 @@
+"""Padding-free packing: several examples per row, each attending only to itself.
+
+A micro-batch is one flat sequence (batch dimension 1): the examples of its rows laid end to
+end, `position_ids` restarting at 0 for each. FlashAttention-2 (varlen) and sdpa in
+transformers both read example boundaries from the restarts, so nothing attends across
+examples and no padding token is ever computed.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from distil.tokenization import IGNORE
+
+TASK_IDS = {"summarize": 0, "extract": 1}
+
+
+def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group example indices into rows of at most `capacity` tokens (best-fit decreasing).
+
+    Longest first, each into the fullest row that still has room; ties broken by index so the
+    result is deterministic. O(n log n).
+    """
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, row index), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        slot = bisect.bisect_left(free, (lengths[i], -1))
+        if slot == len(free):
+            rows.append([i])
+            bisect.insort(free, (capacity - lengths[i], len(rows) - 1))
+        else:
+            left, row = free.pop(slot)
+            rows[row].append(i)
+            bisect.insort(free, (left - lengths[i], row))
+    return rows
+
+
+def shifted_targets(labels: list[int]) -> list[int]:
+    """Target of position t is the label of t+1; the last position of an example predicts nothing."""
+    return list(labels[1:]) + [IGNORE]
+
+
+def collate_packed(rows: list[list[dict]]) -> dict:
+    """Flatten rows of encoded examples into one sequence with per-example positions.
+
+    Returns input_ids, position_ids, target_ids (already shifted, IGNORE off the answer) and
+    task_ids (0 summarize, 1 extract) of shape [1, T], plus the example ids for tracing.
+    """
+    input_ids, positions, targets, tasks, ids = [], [], [], [], []
+    for row in rows:
+        for ex in row:
+            n = len(ex["input_ids"])
+            input_ids += ex["input_ids"]
+            positions += range(n)
+            targets += shifted_targets(ex["labels"])
+            tasks += [TASK_IDS[ex["task"]]] * n
+            ids.append(f"{ex['task']}:{ex['id']}")
+    as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return {"input_ids": as_row(input_ids), "position_ids": as_row(positions),
+            "target_ids": as_row(targets), "task_ids": as_row(tasks), "example_ids": ids}

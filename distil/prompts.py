@@ -1,0 +1,44 @@
+"""The two role-based prompts of distil-tuning, in the report's own language.
+
+Both tasks share the user turn (the report); only the system instruction differs:
+  summarization: (S: P_sum, U: report, A: gold summary)
+  extraction:    (S: P_ext, U: report, A: teacher key information)
+Stage 1 sends the extraction prompt to the teacher; Stage 2 trains on both; evaluation uses
+P_sum. Bump PROMPT_VERSION whenever a text changes: the Stage 1 ledger keys records by it.
+"""
+
+from __future__ import annotations
+
+PROMPT_VERSION = "v1"
+
+TASKS = ("summarize", "extract")
+
+SYSTEM_PROMPTS: dict[str, dict[str, str]] = {
+    "summarize": {
+        "en": "Summarize clinical text",
+        "es": "Resume el texto clínico",
+        "fr": "Résume le texte clinique",
+        "pt": "Resuma o texto clínico",
+    },
+    "extract": {
+        "en": "Extract the key information from clinical text",
+        "es": "Extrae la información clave del texto clínico",
+        "fr": "Extrais les informations clés du texte clinique",
+        "pt": "Extraia as informações-chave do texto clínico",
+    },
+}
+
+
+def build_messages(task: str, lang: str, report: str, answer: str | None = None) -> list[dict[str, str]]:
+    """Chat messages for one example; `answer` is the assistant turn (omitted for generation)."""
+    if task not in SYSTEM_PROMPTS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    if lang not in SYSTEM_PROMPTS[task]:
+        raise ValueError(f"unknown language {lang!r}; expected one of {sorted(SYSTEM_PROMPTS[task])}")
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPTS[task][lang]},
+        {"role": "user", "content": report},
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages

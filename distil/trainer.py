@@ -1,0 +1,169 @@
+"""Stage 2: distil-tuning a student with the Hugging Face Trainer on DeepSpeed ZeRO.
+
+`DistilTrainer` adds exactly one thing to `transformers.Trainer`: the two-task loss
+L = gamma * L_sum + (1 - gamma) * L_ext over assistant tokens, in one forward pass over packed
+rows, normalized by the token counts of the whole optimizer step. `train()` is the recipe:
+config -> backend -> model, data -> Trainer.train (resuming when it can) -> export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+from distil.backend import choose_backend
+from distil.checkpoints import latest_complete_checkpoint
+from distil.config import ExperimentConfig, dump_config
+from distil.dataset import load_train_rows
+from distil.loss import chunked_cross_entropy, distil_loss, task_token_counts
+from distil.packing import collate_packed
+from distil.tokenization import IGNORE
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class DistilTrainer(Trainer):
+    """Trainer whose loss is the distil-tuning loss; everything else is the stock Trainer."""
+
+    # compute_loss already divides by the step's token counts, so no further 1/GAS scaling.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, gamma: float, lm_head_chunk_tokens: int, trace_dir: Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gamma = gamma
+        self.lm_head_chunk_tokens = lm_head_chunk_tokens
+        self.trace_dir = trace_dir
+        self._since_log = {"ce": torch.zeros(2, dtype=torch.float64), "count": torch.zeros(2, dtype=torch.float64),
+                           "tokens": 0, "time": time.perf_counter()}
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Collect the step's micro-batches and count its labelled tokens per task over all ranks."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        counts = torch.zeros(2, dtype=torch.long)
+        for batch in batches:
+            counts += task_token_counts(batch["target_ids"], batch["task_ids"]).cpu()
+        counts = counts.to(device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return batches, counts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets, tasks = inputs["target_ids"][0], inputs["task_ids"][0]
+        labelled = (targets != IGNORE).nonzero().squeeze(1)
+        # Only positions with a label go through lm_head (logits [N_labelled, vocab]).
+        outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                        logits_to_keep=labelled, use_cache=False)
+        logits = outputs.logits[0]
+        token_ce = chunked_cross_entropy(logits, targets[labelled], self.lm_head_chunk_tokens)
+        step_counts = num_items_in_batch if num_items_in_batch is not None else task_token_counts(targets, tasks)
+        loss, ce_sums = distil_loss(token_ce, tasks[labelled], self.gamma, step_counts)
+        # The counts span all ranks while DeepSpeed averages gradients over ranks: undo the average.
+        loss = loss * self.accelerator.num_processes + 0.0 * logits.sum()
+        if model.training:
+            self._record(inputs, ce_sums, task_token_counts(targets, tasks))
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, inputs, ce_sums, counts) -> None:
+        self._since_log["ce"] += ce_sums.double().cpu()
+        self._since_log["count"] += counts.double().cpu()
+        self._since_log["tokens"] += inputs["input_ids"].numel()
+        if self.trace_dir is not None:
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.trace_dir / f"rank{self.args.process_index}.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.global_step, "examples": inputs["example_ids"]}) + "\n")
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Add L_sum, L_ext and tokens/s (all ranks) to each training log line."""
+        if "loss" in logs:
+            acc = self._since_log
+            totals = torch.cat([acc["ce"], acc["count"], torch.tensor([float(acc["tokens"])], dtype=torch.float64)])
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+            ce, count, tokens = totals[:2], totals[2:4], totals[4].item()
+            if count[0] > 0:
+                logs["loss_sum"] = round((ce[0] / count[0]).item(), 6)
+            if count[1] > 0:
+                logs["loss_ext"] = round((ce[1] / count[1]).item(), 6)
+            elapsed = time.perf_counter() - acc["time"]
+            logs["tokens_per_s"] = round(tokens / max(elapsed, 1e-9), 1)
+            self._since_log = {"ce": torch.zeros(2, dtype=torch.float64), "count": torch.zeros(2, dtype=torch.float64),
+                               "tokens": 0, "time": time.perf_counter()}
+        super().log(logs, *args, **kwargs)
+
+
+class SaveConfigCallback(TrainerCallback):
+    """Store the resolved experiment config in every checkpoint, so a checkpoint explains itself."""
+
+    def __init__(self, config_text: str):
+        self.config_text = config_text
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / "experiment.yaml").write_text(self.config_text)
+
+
+def training_arguments(cfg: ExperimentConfig, on_cpu: bool) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=t.output_dir, deepspeed=t.deepspeed, use_cpu=on_cpu,
+        per_device_train_batch_size=t.micro_batch_rows, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps, bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed,
+        data_seed=t.seed, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, report_to=t.report_to,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers, ddp_backend="gloo" if on_cpu else None,
+    )
+
+
+def train(cfg: ExperimentConfig) -> Path | None:
+    """Run Stage 2 under the DeepSpeed launcher; returns the exported model folder (rank 0) or None."""
+    import deepspeed
+
+    backend = choose_backend(cfg.model.attn_implementation)
+    deepspeed.init_distributed(dist_backend=backend.dist_backend)  # before from_pretrained: ZeRO-3 needs the world
+    args = training_arguments(cfg, backend.on_cpu)
+    if backend.on_cpu:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path, dtype=DTYPES[cfg.train.precision], attn_implementation=backend.attn_implementation)
+    rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
+                              cfg.train.max_length, cfg.train.pack_length)
+    config_text = dump_config(cfg)
+    if args.process_index == 0:
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.train.output_dir) / "experiment.yaml").write_text(config_text)
+        log.info("resolved config:\n%s", config_text)
+    trainer = DistilTrainer(
+        model=model, args=args, train_dataset=rows, data_collator=collate_packed, processing_class=tokenizer,
+        callbacks=[SaveConfigCallback(config_text)], gamma=cfg.loss.gamma,
+        lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
+        trace_dir=Path(cfg.train.output_dir) / "data_trace" if cfg.train.trace_data else None,
+    )
+    resume = latest_complete_checkpoint(cfg.train.output_dir) if cfg.train.resume == "auto" else None
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.save_state()
+    if not cfg.train.export:
+        return None
+    hf_dir = Path(cfg.train.output_dir) / "hf"
+    trainer.save_model(str(hf_dir))  # consolidated: ZeRO-3 gathers the weights (see ds_configs/zero3.json)
+    return hf_dir if args.process_index == 0 else None

@@ -1,0 +1,1 @@
+"""Evaluation: generation, ROUGE and BERTScore per language, the paper's results table."""

@@ -1,0 +1,50 @@
+"""Stage 2: distil-tune a student on summarization + teacher key information.
+
+    deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny_cpu.yaml --deepspeed ds_configs/zero3.json
+    deepspeed --num_gpus 8 launch/train.py --config launch/configs/paper_qwen25_05b.yaml train.learning_rate=2e-5
+
+Resumes from the newest complete checkpoint in train.output_dir; writes the consolidated
+Hugging Face model to train.output_dir/hf at the end. On CPU export OMP_NUM_THREADS=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from distil.config import ConfigError, load_config
+
+LAUNCH_HINT = "deepspeed --num_gpus N launch/train.py --config CONFIG.yaml [--deepspeed ds_configs/zero2.json]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides train.deepspeed)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. loss.gamma=1.0")
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print(f"error: launch/train.py runs under the DeepSpeed launcher:\n  {LAUNCH_HINT}", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
+    from distil.trainer import train
+
+    hf_dir = train(cfg)
+    if hf_dir:
+        print(f"model: {hf_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
