@@ -30,6 +30,23 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def packed_loss(model, batch: dict, gamma: float, step_counts: torch.Tensor, chunk_tokens: int):
+    """One forward over a packed micro-batch -> (its share of the step loss, per-task CE sums, outputs).
+
+    Only positions that carry a label go through lm_head (`logits_to_keep`), so the logits are
+    [labelled tokens, vocab], never [all tokens, vocab]; lm_head runs inside the model's own
+    forward, which keeps ZeRO-3's parameter gathering intact.
+    """
+    targets, tasks = batch["target_ids"][0], batch["task_ids"][0]
+    labelled = (targets != IGNORE).nonzero().squeeze(1)
+    outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    logits_to_keep=labelled, use_cache=False)
+    logits = outputs.logits[0]
+    token_ce = chunked_cross_entropy(logits, targets[labelled], chunk_tokens)
+    loss, ce_sums = distil_loss(token_ce, tasks[labelled], gamma, step_counts)
+    return loss + 0.0 * logits.sum(), ce_sums, outputs  # 0*sum keeps the graph when nothing is labelled
+
+
 class DistilTrainer(Trainer):
     """Trainer whose loss is the distil-tuning loss; everything else is the stock Trainer."""
 
@@ -61,19 +78,14 @@ class DistilTrainer(Trainer):
         return batches, counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets, tasks = inputs["target_ids"][0], inputs["task_ids"][0]
-        labelled = (targets != IGNORE).nonzero().squeeze(1)
-        # Only positions with a label go through lm_head (logits [N_labelled, vocab]).
-        outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                        logits_to_keep=labelled, use_cache=False)
-        logits = outputs.logits[0]
-        token_ce = chunked_cross_entropy(logits, targets[labelled], self.lm_head_chunk_tokens)
-        step_counts = num_items_in_batch if num_items_in_batch is not None else task_token_counts(targets, tasks)
-        loss, ce_sums = distil_loss(token_ce, tasks[labelled], self.gamma, step_counts)
+        step_counts = num_items_in_batch
+        if step_counts is None:  # outside the training loop (e.g. evaluate): this micro-batch alone
+            step_counts = task_token_counts(inputs["target_ids"], inputs["task_ids"])
+        loss, ce_sums, outputs = packed_loss(model, inputs, self.gamma, step_counts, self.lm_head_chunk_tokens)
         # The counts span all ranks while DeepSpeed averages gradients over ranks: undo the average.
-        loss = loss * self.accelerator.num_processes + 0.0 * logits.sum()
+        loss = loss * self.accelerator.num_processes
         if model.training:
-            self._record(inputs, ce_sums, task_token_counts(targets, tasks))
+            self._record(inputs, ce_sums, task_token_counts(inputs["target_ids"], inputs["task_ids"]))
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, inputs, ce_sums, counts) -> None:
