@@ -129,6 +129,24 @@ class SaveConfigCallback(TrainerCallback):
                 (folder / "experiment.yaml").write_text(self.config_text)
 
 
+class ParamFingerprintCallback(TrainerCallback):
+    """At the end, each rank writes sum and sum of squares of every parameter (ZeRO-3: gathered),
+    so a test can check that all ranks hold the same model. On with train.trace_data."""
+
+    def __init__(self, trace_dir: Path):
+        self.trace_dir = trace_dir
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        import deepspeed
+
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+            prints = {name: [p.double().sum().item(), p.double().square().sum().item()]
+                      for name, p in model.named_parameters()}
+        self.trace_dir.mkdir(parents=True, exist_ok=True)
+        (self.trace_dir / f"params_rank{args.process_index}.json").write_text(json.dumps(prints))
+
+
 def training_arguments(cfg: ExperimentConfig, on_cpu: bool) -> TrainingArguments:
     t = cfg.train
     return TrainingArguments(
@@ -163,11 +181,12 @@ def train(cfg: ExperimentConfig) -> Path | None:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.output_dir) / "experiment.yaml").write_text(config_text)
         log.info("resolved config:\n%s", config_text)
+    trace_dir = Path(cfg.train.output_dir) / "data_trace" if cfg.train.trace_data else None
+    callbacks = [SaveConfigCallback(config_text)] + ([ParamFingerprintCallback(trace_dir)] if trace_dir else [])
     trainer = DistilTrainer(
         model=model, args=args, train_dataset=rows, data_collator=collate_packed, processing_class=tokenizer,
-        callbacks=[SaveConfigCallback(config_text)], gamma=cfg.loss.gamma,
-        lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
-        trace_dir=Path(cfg.train.output_dir) / "data_trace" if cfg.train.trace_data else None,
+        callbacks=callbacks, gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
+        trace_dir=trace_dir,
     )
     resume = latest_complete_checkpoint(cfg.train.output_dir) if cfg.train.resume == "auto" else None
     if resume:

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
+                        format=f"%(asctime)s rank{rank} %(name)s: %(message)s", force=True)
     from distil.trainer import train
 
     hf_dir = train(cfg)
