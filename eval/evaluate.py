@@ -1,0 +1,51 @@
+"""The evaluation recipe: for each model, generate -> score; then the report.
+
+Results folder (eval.output_dir):
+  predictions/<label>.jsonl   one summary per report (resumable), + .meta.json (settings)
+  results.md                  the paper-layout table, 95% intervals, speed/cost
+  scores.csv, scores.json     per model x language means and intervals (+ counts, speed)
+  per_report.csv              every metric of every report
+  plots/                      metrics_by_language.png, length.png
+  extraction.* (eval.extraction) entity P/R/F1 against the teacher's JSON key information
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from distil.config import ExperimentConfig
+from distil.data import DataError, read_jsonl
+from eval.bertscore import BertScore
+from eval.generate import generate_predictions, read_predictions
+from eval.report import write_report
+from eval.scoring import score_predictions
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
+    """Evaluate each labelled model folder on data.prepared_dir/<eval.split>.jsonl; returns results.md."""
+    e = cfg.eval
+    out = Path(e.output_dir)
+    records = read_jsonl(Path(cfg.data.prepared_dir) / f"{e.split}.jsonl")
+    if not records:
+        raise DataError(f"{cfg.data.prepared_dir}/{e.split}.jsonl has no records to evaluate")
+    bertscore = BertScore(e)
+    scores, counts = {}, {}
+    for label, path in models.items():
+        pred_path = out / "predictions" / f"{label}.jsonl"
+        stats = generate_predictions(e, path, records, pred_path)
+        log.info("%s: %s", label, stats)
+        predictions = read_predictions(pred_path)
+        scores[label], counts[label] = score_predictions(records, predictions, e.rouge_tokenizer, bertscore)
+        counts[label]["truncated_reports"] = sum(p.get("truncated", False) for p in predictions.values())
+    markdown = write_report(out, scores, counts, e)
+    if e.extraction:
+        from eval.extraction import evaluate_extraction
+
+        markdown += evaluate_extraction(cfg, models, records)
+        (out / "results.md").write_text(markdown)
+    log.info("results in %s: %s", out, json.dumps(counts))
+    return markdown

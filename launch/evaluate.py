@@ -1,0 +1,67 @@
+"""Evaluation: summarize the held-out reports with each model, score per language, print the table.
+
+    python launch/evaluate.py --config launch/configs/paper_qwen25_05b.yaml \
+        --models base=Qwen/Qwen2.5-0.5B-Instruct standard=runs/std/hf distil=runs/distil/hf
+    python launch/evaluate.py --config launch/configs/tiny_cpu.yaml \
+        --models base=runs/tiny/student-init student=runs/tiny/student/hf
+
+Writes eval.output_dir (predictions, scores, results.md, plots). A rerun resumes: reports that
+already have a prediction are not generated again. Label a model `teacher` (eval.teacher_label)
+to get the student vs teacher speed and cost comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from distil.config import ConfigError, load_config
+from distil.data import DataError
+
+
+LABEL = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def split_models(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """--models LABEL=PATH items -> {label: path}; items whose key has a dot are config overrides
+    (section.key=value) that followed --models on the command line."""
+    models, overrides = {}, []
+    for item in items:
+        label, sep, path = item.partition("=")
+        if sep and "." in label:
+            overrides.append(item)
+            continue
+        if not sep or not LABEL.match(label) or not path:
+            raise ValueError(f"--models {item!r}: expected LABEL=PATH with a label of letters, digits, - or _, "
+                             "e.g. distil=runs/distil/hf")
+        if label in models:
+            raise ValueError(f"--models: label {label!r} given twice")
+        models[label] = path
+    return models, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--models", nargs="+", required=True, metavar="LABEL=PATH",
+                        help="models to evaluate: a Hugging Face folder or hub name per label")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.backend=hf")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        models, late_overrides = split_models(args.models)
+        cfg = load_config(args.config, list(args.overrides) + late_overrides)
+        from eval.evaluate import evaluate
+
+        markdown = evaluate(cfg, models)
+    except (ConfigError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""ROUGE in both tokenizations and the bootstrap: exact values on hand-made pairs."""
+
+import numpy as np
+import pytest
+from rouge_score import rouge_scorer, tokenizers
+
+from eval.metrics import UnicodeTokenizer, bootstrap_ci, rouge, word_count
+
+
+def test_paper_mode_hand_computed_pair():
+    # pred/ref unigrams overlap: the x2, cat, on, mat = 5 of 6 each; bigrams: the cat, on the, the mat = 3 of 5;
+    # LCS: the cat on the mat = 5.
+    s = rouge("the cat sat on the mat", "the cat is on the mat", "en", mode="paper")
+    assert s == pytest.approx({"rouge1": 5 / 6, "rouge2": 3 / 5, "rougeL": 5 / 6}, abs=1e-12)
+
+
+def test_paper_mode_uses_porter_stemmer():
+    # Porter: fevers -> fever, coughs -> cough; so 2 of 3 unigrams match, no bigram does, LCS = 2.
+    s = rouge("Fevers and coughs", "fever with cough", "en", mode="paper")
+    assert s == pytest.approx({"rouge1": 2 / 3, "rouge2": 0.0, "rougeL": 2 / 3}, abs=1e-12)
+
+
+@pytest.mark.parametrize("pred,ref", [
+    ("The patient was treated with amoxicillin for 10 days.", "Amoxicillin was given; the patient recovered."),
+    ("Acute myocardial infarction with ST elevation.", "ST-elevation myocardial infarction, acute."),
+    ("", "nonempty reference"),
+])
+def test_paper_mode_equals_rouge_score_defaults(pred, ref):
+    expected = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(ref, pred)
+    got = rouge(pred, ref, "en", mode="paper")
+    assert got == {k: expected[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def test_paper_tokenizer_breaks_accented_words():
+    # Why the unicode mode exists: rouge-score keeps [a-z0-9] only.
+    assert tokenizers.DefaultTokenizer(use_stemmer=True).tokenize("neumonía") == ["neumon", "a"]
+
+
+def test_unicode_tokenizer_keeps_accented_words():
+    text = "Neumonía bilateral, insuficiência cardíaque!"
+    assert UnicodeTokenizer("es", stem=False).tokenize(text) == ["neumonía", "bilateral", "insuficiência", "cardíaque"]
+    assert UnicodeTokenizer("pt").tokenize("insuficiência") == ["insuficient"]   # Snowball Portuguese
+    assert UnicodeTokenizer("fr").tokenize("cardíaque") == ["cardíaqu"]          # Snowball French keeps the í
+    assert UnicodeTokenizer("es").tokenize("NEUMONÍA") == ["neumon"]             # lowercased, then stemmed
+    assert UnicodeTokenizer("en").tokenize("the fevers") == ["the", "fever"]     # <= 3 letters: not stemmed
+
+
+def test_unicode_tokenizer_normalizes_decomposed_accents():
+    decomposed = "neumoni\u0301a"  # i + combining acute accent
+    assert UnicodeTokenizer("es", stem=False).tokenize(decomposed) == ["neumonía"]
+
+
+def test_unicode_mode_hand_computed_pair():
+    # pt tokens: [insuficient, cardíac, grav] vs [insuficient, cardíac]
+    # R1: P 2/3, R 1 -> F 0.8; R2: P 1/2, R 1 -> F 2/3; RL = R1.
+    s = rouge("insuficiência cardíaca grave", "insuficiência cardíaca", "pt", mode="unicode")
+    assert s == pytest.approx({"rouge1": 0.8, "rouge2": 2 / 3, "rougeL": 0.8}, abs=1e-12)
+
+
+def test_modes_differ_on_accents():
+    # unicode: [neumon, grav] vs [neumon, lev] -> 1/2; paper: [neumon, a, grave] vs [neumon, a, leve] -> 2/3
+    assert rouge("Neumonía grave", "neumonía leve", "es", "unicode")["rouge1"] == pytest.approx(0.5)
+    assert rouge("Neumonía grave", "neumonía leve", "es", "paper")["rouge1"] == pytest.approx(2 / 3)
+
+
+def test_empty_prediction_scores_zero():
+    assert rouge("", "insuficiência cardíaca", "pt") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+
+
+def test_unknown_language_and_mode_are_errors():
+    with pytest.raises(ValueError, match="unknown language 'de'"):
+        rouge("a", "b", "de")
+    with pytest.raises(ValueError, match="eval.rouge_tokenizer"):
+        rouge("a", "b", "en", mode="ascii")
+
+
+def test_bootstrap_constant_and_deterministic():
+    assert bootstrap_ci([0.25] * 7, samples=200, seed=0) == pytest.approx((0.25, 0.25))
+    values = [0.1, 0.9, 0.4, 0.6, 0.3]
+    lo, hi = bootstrap_ci(values, samples=500, seed=3)
+    assert (lo, hi) == bootstrap_ci(values, samples=500, seed=3)
+    assert lo < np.mean(values) < hi
+
+
+def test_bootstrap_one_resample_is_that_resample_mean():
+    idx = np.random.default_rng(5).integers(0, 2, size=(1, 2))
+    expected = float(np.array([0.0, 1.0])[idx].mean())
+    assert bootstrap_ci([0.0, 1.0], samples=1, seed=5) == pytest.approx((expected, expected))
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_ci([], samples=10, seed=0)
+
+
+def test_word_count():
+    assert word_count("Neumonía, 2 días; ok_go") == 5

@@ -1,0 +1,123 @@
+"""Alignment of predictions with references (bad inputs), aggregation, the table, speed/cost, plots."""
+
+import json
+
+import pytest
+
+from distil.config import EvalConfig
+from distil.data import DataError
+from eval.report import aggregate, markdown_table, speed, write_report
+from eval.scoring import align, score_predictions
+
+REFS = [
+    {"id": "en_1", "lang": "en", "summary": "Fever and cough."},
+    {"id": "en_2", "lang": "en", "summary": "Chest pain."},
+    {"id": "es_1", "lang": "es", "summary": "Neumonía grave."},
+]
+
+
+class ConstantBertScore:
+    """Stands in for BertScore where only the bookkeeping is under test."""
+
+    def score(self, predictions, references, lang):
+        return [{"bertscore_p": 0.5, "bertscore_r": 0.25, "bertscore_f1": 1 / 3} for _ in predictions]
+
+
+def pred(id_, lang, text, **kw):
+    return {"id": id_, "lang": lang, "prediction": text, **kw}
+
+
+def test_missing_predictions_are_a_counted_skip():
+    pairs, counts = align(REFS, {"en_1": pred("en_1", "en", "Fever.")})
+    assert [r["id"] for r, _ in pairs] == ["en_1"]
+    assert counts == {"references": 3, "missing": 2, "empty": 0, "scored": 1}
+
+
+def test_empty_prediction_is_scored_zero_and_counted():
+    rows, counts = score_predictions(REFS[:1], {"en_1": pred("en_1", "en", "  ")}, "unicode", ConstantBertScore())
+    assert counts["empty"] == 1 and counts["scored"] == 1
+    assert (rows[0]["rouge1"], rows[0]["rouge2"], rows[0]["rougeL"]) == (0.0, 0.0, 0.0)
+
+
+def test_prediction_for_an_unknown_id_is_an_error():
+    with pytest.raises(DataError, match="not in the evaluated split.*'fr_9'"):
+        align(REFS, {"fr_9": pred("fr_9", "fr", "x")})
+
+
+def test_language_mismatch_is_an_error():
+    with pytest.raises(DataError, match="record 'es_1': prediction language 'pt'"):
+        align(REFS, {"es_1": pred("es_1", "pt", "x")})
+
+
+def test_unknown_language_is_an_error():
+    with pytest.raises(DataError, match="record 'de_1': unknown language 'de'"):
+        align([{"id": "de_1", "lang": "de", "summary": "Fieber."}], {})
+
+
+def test_score_rows_hold_metrics_lengths_and_timing():
+    preds = {"en_1": pred("en_1", "en", "Fever and cough.", gen_tokens=4, seconds=0.5),
+             "es_1": pred("es_1", "es", "Neumonía grave.", gen_tokens=3, seconds=0.25)}
+    rows, counts = score_predictions(REFS, preds, "unicode", ConstantBertScore())
+    assert counts == {"references": 3, "missing": 1, "empty": 0, "scored": 2}
+    assert rows[0] == {"id": "en_1", "lang": "en", "bertscore_p": 0.5, "bertscore_r": 0.25, "bertscore_f1": 1 / 3,
+                       "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "pred_words": 3, "ref_words": 3,
+                       "gen_tokens": 4, "seconds": 0.5}
+    assert rows[1]["rouge1"] == 1.0 and rows[1]["lang"] == "es"
+
+
+def metric_row(lang, value, **kw):
+    return {"lang": lang, "bertscore_p": value, "bertscore_r": value, "bertscore_f1": value,
+            "rouge1": value, "rouge2": value / 2, "rougeL": value, **kw}
+
+
+def test_aggregate_means_per_language_and_all():
+    scores = {"base": [metric_row("en", 0.2), metric_row("en", 0.4), metric_row("fr", 0.6)]}
+    agg = aggregate(scores, samples=50, seed=0)
+    assert [(r["model"], r["lang"], r["n"]) for r in agg] == [("base", "en", 2), ("base", "fr", 1), ("base", "all", 3)]
+    assert agg[0]["rouge1"] == pytest.approx(0.3) and agg[0]["rouge2"] == pytest.approx(0.15)
+    assert agg[1]["rouge1_lo"] == agg[1]["rouge1_hi"] == pytest.approx(0.6)   # one report: no spread
+    assert agg[2]["rouge1"] == pytest.approx(0.4)
+    assert agg[0]["rouge1_lo"] <= 0.3 <= agg[0]["rouge1_hi"]
+
+
+def test_markdown_table_layout():
+    scores = {"base": [metric_row("en", 0.2)], "distil": [metric_row("en", 0.4)]}
+    lines = markdown_table(aggregate(scores, samples=10, seed=0)).splitlines()
+    assert lines[0] == ("| Language | Model | n | BERTScore P | BERTScore R | BERTScore F1 "
+                        "| ROUGE-1 | ROUGE-2 | ROUGE-L |")
+    assert lines[2] == "| EN | base | 1 | 20.00 | 20.00 | 20.00 | 20.00 | 10.00 | 20.00 |"
+    assert lines[3] == "| EN | distil | 1 | 40.00 | 40.00 | 40.00 | 40.00 | 20.00 | 40.00 |"
+    assert lines[4] == "| All | base | 1 | 20.00 | 20.00 | 20.00 | 20.00 | 10.00 | 20.00 |"
+    assert "| EN | base | 1 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 10.0–10.0 | 20.0–20.0 |" in lines
+
+
+def test_speed_and_cost_against_the_teacher():
+    scores = {
+        "teacher": [metric_row("en", 0.5, gen_tokens=100, seconds=1.0),
+                    metric_row("en", 0.5, gen_tokens=100, seconds=1.0)],
+        "student": [metric_row("en", 0.4, gen_tokens=50, seconds=0.1),
+                    metric_row("en", 0.4, gen_tokens=30, seconds=0.1)],
+    }
+    teacher, student = speed(scores, "teacher", gpu_hour_price=2.0, gpu_count=1, teacher_gpu_count=8)
+    assert teacher == pytest.approx({"model": "teacher", "reports": 2, "tokens_per_s": 100.0, "seconds_per_report": 1.0,
+                                     "gpus": 8, "cost_per_report": 1.0 / 3600 * 8 * 2.0})
+    assert student["tokens_per_s"] == pytest.approx(400.0)
+    assert student["times_faster_than_teacher"] == pytest.approx(10.0)
+    assert student["times_cheaper_than_teacher"] == pytest.approx(80.0)   # 10x faster on 8x fewer GPUs
+
+
+def test_write_report_files(tmp_path):
+    scores = {"base": [metric_row("en", 0.2, pred_words=10, ref_words=20, gen_tokens=12, seconds=0.2),
+                       metric_row("pt", 0.3, pred_words=15, ref_words=25, gen_tokens=18, seconds=0.3)],
+              "teacher": [metric_row("en", 0.5, pred_words=18, ref_words=20, gen_tokens=30, seconds=2.0),
+                          metric_row("pt", 0.6, pred_words=22, ref_words=25, gen_tokens=40, seconds=2.0)]}
+    counts = {m: {"references": 2, "missing": 0, "empty": 0, "scored": 2} for m in scores}
+    markdown = write_report(tmp_path, scores, counts, EvalConfig(bootstrap_samples=20))
+    for name in ("results.md", "scores.csv", "scores.json", "per_report.csv",
+                 "plots/metrics_by_language.png", "plots/length.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "plots/length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["counts"] == counts and len(saved["scores"]) == 6
+    assert "| PT | teacher | 1 |" in markdown and "× faster" in markdown
+    assert (tmp_path / "scores.csv").read_text().splitlines()[0].startswith("model,lang,n,bertscore_p,bertscore_p_lo")
