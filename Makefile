@@ -28,7 +28,9 @@ $(VENV)/.installed: setup.py
 demo: setup
 	$(PY) launch/prepare_data.py --config $(CONFIG) --stats
 	$(PY) launch/make_tiny_model.py --config $(CONFIG)
-	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config $(CONFIG) loss.gamma=1.0 data.key_info_path=null
+	$(PY) launch/annotate.py --config $(CONFIG) --no-progress
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config $(CONFIG)
+	$(PY) launch/evaluate.py --config $(CONFIG) --models base=runs/tiny/student-init student=runs/tiny/student/hf
 
 test: setup
 	$(PY) -m pytest tests

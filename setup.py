@@ -18,6 +18,7 @@ CORE = [
     "pyyaml>=6.0",
     "tensorboard>=2.15",
     "matplotlib>=3.8",
+    "openai>=1.0",  # the remote-teacher backend (teacher.backend: openai)
 ]
 
 EXTRAS = {

@@ -289,9 +289,10 @@ class SlurmConfig:
     ranks_per_node: int | None = _help(
         "DeepSpeed ranks per node in Stage 2; null = gpus_per_node (a CPU-only cluster must set it).", None)
     eval_gpus: int = _help("GPUs of the one-node evaluation job; must be 0 on a CPU-only cluster.", 1)
-    stage1_time: str = _help("Time limit of Stage 1 (sbatch --time: MM, HH:MM:SS or D-HH:MM:SS).", "24:00:00")
-    stage2_time: str = _help("Time limit of one Stage 2 run; it saves, requeues and resumes past it.", "48:00:00")
-    eval_time: str = _help("Time limit of the evaluation job.", "12:00:00")
+    stage1_minutes: int = _help("Time limit of Stage 1 in minutes (sbatch --time).", 1440)
+    stage2_minutes: int = _help("Time limit of one Stage 2 run in minutes; it saves, requeues and resumes past it.",
+                                2880)
+    eval_minutes: int = _help("Time limit of the evaluation job in minutes.", 720)
     save_before_timeout_s: int = _help(
         "Stage 2 saves a checkpoint and requeues itself this many seconds before its time limit "
         "(--signal=B:USR1@N); leave more than one optimizer step plus a checkpoint save.", 300)
@@ -303,30 +304,23 @@ class SlurmConfig:
     extra_args: list[str] = _help("More sbatch options for every job, e.g. ['--exclusive', '--constraint=a100'].",
                                   factory=list)
 
-    @staticmethod
-    def _is_time(text: str) -> bool:
-        days, _, clock = text.rpartition("-")
-        parts = clock.split(":")
-        return (not days or days.isdigit()) and 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)
-
     def __post_init__(self) -> None:
         p: list[str] = []
-        for key in ("cpus_per_node", "stage1_nodes", "stage2_nodes", "save_before_timeout_s", "ray_start_timeout_s"):
+        for key in ("cpus_per_node", "stage1_nodes", "stage2_nodes", "stage1_minutes", "stage2_minutes", "eval_minutes",
+                    "save_before_timeout_s", "ray_start_timeout_s"):
             _require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         for key in ("gpus_per_node", "eval_gpus"):
             _require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        _require(p, self.eval_gpus <= max(self.gpus_per_node, 0), "eval_gpus",
+        _require(p, self.eval_gpus <= self.gpus_per_node, "eval_gpus",
                  f"must be <= gpus_per_node ({self.gpus_per_node}), got {self.eval_gpus}; "
                  "on a CPU-only cluster set slurm.eval_gpus=0")
         _require(p, self.ranks_per_node is None or self.ranks_per_node > 0, "ranks_per_node",
                  f"must be positive or null (= gpus_per_node), got {self.ranks_per_node}")
         _require(p, self.gpus_per_node > 0 or self.ranks_per_node is not None, "ranks_per_node",
                  "a CPU-only cluster (gpus_per_node 0) needs the DeepSpeed ranks per node, e.g. slurm.ranks_per_node=2")
-        for key in ("stage1_time", "stage2_time", "eval_time"):
-            _require(p, self._is_time(getattr(self, key)), key,
-                     f"{getattr(self, key)!r} is not a SLURM time; use MM, HH:MM:SS or D-HH:MM:SS, e.g. 1-00:00:00")
-        _require(p, self.save_before_timeout_s <= 65535, "save_before_timeout_s",
-                 f"SLURM signals at most 65535 s ahead, got {self.save_before_timeout_s}")
+        _require(p, self.save_before_timeout_s <= min(65535, self.stage2_minutes * 60 - 60), "save_before_timeout_s",
+                 f"must leave Stage 2 at least a minute of its {self.stage2_minutes * 60} s (stage2_minutes) and "
+                 f"SLURM signals at most 65535 s ahead; got {self.save_before_timeout_s}")
         bad = [a for a in self.extra_args if not a.startswith("-")]
         _require(p, not bad, "extra_args", f"sbatch options start with '-', got {bad}, e.g. ['--exclusive']")
         _raise_if(p)

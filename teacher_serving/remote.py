@@ -1,0 +1,69 @@
+"""A remote OpenAI-compatible teacher (a `vllm serve`, Ray Serve LLM or a hosted API).
+
+It sends clinical reports off this cluster, so it is off by default (teacher.backend: openai
+turns it on) and says so in the log. The API key is read from the environment variable named by
+teacher.api_key_env, never from the config. Requests run one report each, at most
+teacher.max_concurrency at a time; the OpenAI client retries failures with exponential backoff
+(teacher.api_retries). Same submit/done/failed interface as teacher_serving.replica.ReplicaPool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+
+class RemotePool:
+    batch_size = 1  # one HTTP request per report; concurrency comes from the thread pool
+
+    def __init__(self, api_base: str, model: str, api_key_env: str, max_concurrency: int, retries: int,
+                 timeout_s: float):
+        from openai import OpenAI
+
+        log.warning("teacher.backend=openai: clinical reports will be sent to %s, outside this cluster; use only "
+                    "an endpoint approved for patient data", api_base)
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            log.warning("no API key in $%s (teacher.api_key_env); sending requests without one", api_key_env)
+        self.model = model
+        self.client = OpenAI(base_url=api_base, api_key=api_key or "EMPTY", max_retries=retries, timeout=timeout_s)
+        self.max_concurrency = max_concurrency
+        self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="teacher-api")
+        self.inflight: set[Future] = set()
+
+    @property
+    def batch_slots(self) -> int:
+        return self.max_concurrency - len(self.inflight)
+
+    def submit(self, requests: list[dict]) -> Future:
+        future = self.executor.submit(lambda: [self._one(r) for r in requests])
+        self.inflight.add(future)
+        return future
+
+    def _one(self, request: dict) -> dict:
+        s = request["sampling"]
+        extra = {}
+        if request.get("json_schema"):
+            extra["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "key_info", "schema": request["json_schema"], "strict": True}}
+        response = self.client.chat.completions.create(
+            model=self.model, messages=request["messages"], max_tokens=s["max_tokens"], temperature=s["temperature"],
+            top_p=s["top_p"], seed=s["seed"], stop=s["stop"] or None, **extra)
+        choice = response.choices[0]
+        usage = response.usage
+        return {"text": choice.message.content or "", "finish_reason": choice.finish_reason,
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None}
+
+    def done(self, future: Future) -> None:
+        self.inflight.discard(future)
+
+    def failed(self, future: Future, error: BaseException) -> None:
+        self.inflight.discard(future)
+        log.warning("teacher API request failed after teacher.api_retries retries: %s", type(error).__name__)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

