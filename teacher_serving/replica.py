@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -64,10 +65,39 @@ class TeacherReplica:
 
         params = [SamplingParams(**r["sampling"], structured_outputs=(
             StructuredOutputsParams(json=r["json_schema"]) if r.get("json_schema") else None)) for r in requests]
-        outputs = self.llm.chat([r["messages"] for r in requests], params, use_tqdm=False)
+        outputs = self._chat_unless_engine_dies([r["messages"] for r in requests], params)
         return [{"text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
                  "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(o.outputs[0].token_ids)}
                 for o in outputs]
+
+    def _chat_unless_engine_dies(self, conversations: list, params: list):
+        """LLM.chat, but raise when the engine process dies instead of waiting forever.
+
+        vLLM 0.32's sync client marks the engine dead and closes its output thread when the engine
+        process exits (OOM kill, CUDA fault), without waking a caller blocked on the next output;
+        so the call runs in a thread and this one watches the engine's liveness flag. The pool
+        then kills this actor and starts a new replica.
+        """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["outputs"] = self.llm.chat(conversations, params, use_tqdm=False)
+            except BaseException as exc:  # handed to the caller below
+                result["error"] = exc
+
+        worker = threading.Thread(target=run, daemon=True, name="teacher-chat")
+        worker.start()
+        resources = self.llm.llm_engine.engine_core.resources
+        while worker.is_alive():
+            worker.join(timeout=1.0)
+            if worker.is_alive() and resources.engine_dead:
+                raise EngineDeadError()
+        if "error" in result:
+            raise result["error"]
+        return result["outputs"]
 
     def shutdown(self) -> None:
         """Stop the engine process now rather than when the actor is killed."""
