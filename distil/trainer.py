@@ -23,6 +23,7 @@ from distil.config import ExperimentConfig, dump_config
 from distil.dataset import load_train_rows
 from distil.loss import chunked_cross_entropy, distil_loss, task_token_counts
 from distil.packing import collate_packed
+from distil.preemption import SaveAndStopCallback
 from distil.tokenization import IGNORE
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ def train(cfg: ExperimentConfig) -> Path | None:
         log.info("resolved config:\n%s", config_text)
     trace_dir = Path(cfg.train.output_dir) / "data_trace" if cfg.train.trace_data else None
     callbacks = [SaveConfigCallback(config_text)] + ([ParamFingerprintCallback(trace_dir)] if trace_dir else [])
+    preemption = SaveAndStopCallback.from_env()  # SLURM's pre-termination signal (slurm/stage2.sbatch)
+    callbacks.append(preemption)
     if cfg.eval.callback_steps > 0:  # summaries of a validation subset every N steps (rank 0 generates)
         from eval.callback import GenerationEvalCallback
 
@@ -197,6 +200,10 @@ def train(cfg: ExperimentConfig) -> Path | None:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_state()
+    if preemption.stopped:
+        log.warning("stopped early on request (%s): the next run resumes from the checkpoint just saved",
+                    preemption.stop_file)
+        return None
     if not cfg.train.export:
         return None
     hf_dir = Path(cfg.train.output_dir) / "hf"
