@@ -287,7 +287,7 @@ class SlurmConfig:
     stage1_nodes: int = _help("Nodes of the Ray cluster that serves the teacher (Stage 1).", 1)
     stage2_nodes: int = _help("Nodes of the DeepSpeed run (Stage 2).", 1)
     ranks_per_node: int | None = _help(
-        "DeepSpeed ranks per node in Stage 2; null = gpus_per_node (a CPU-only cluster must set it).", None)
+        "DeepSpeed ranks per node in Stage 2; null = one per GPU the job got (a CPU-only cluster must set it).", None)
     eval_gpus: int = _help("GPUs of the one-node evaluation job; must be 0 on a CPU-only cluster.", 1)
     stage1_minutes: int = _help("Time limit of Stage 1 in minutes (sbatch --time).", 1440)
     stage2_minutes: int = _help("Time limit of one Stage 2 run in minutes; it saves, requeues and resumes past it.",

@@ -1,0 +1,51 @@
+"""Plan a cluster run: per-GPU memory of the student under ZeRO-2/3/3+offload, activations with and
+without gradient checkpointing, the teacher's tensor-parallel size and replicas; prints the YAML
+and sbatch settings to use.
+
+    python launch/plan.py --student Qwen2.5-7B --context 16384 --nodes 2 --gpus-per-node 8 --gpu-memory 80
+
+--student/--teacher take a bundled name (launch/configs/models: Qwen2.5-0.5B/1.5B/3B/7B/72B), a model
+folder or a config.json. Pure arithmetic: no GPU, no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distil.plan import PlanError, format_plan, load_architecture, plan_student, plan_teacher
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", required=True, help="student model (bundled name, folder or config.json)")
+    parser.add_argument("--context", type=int, required=True, help="tokens per packed row (train.pack_length)")
+    parser.add_argument("--nodes", type=int, default=1, help="Stage 2 nodes (slurm.stage2_nodes)")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
+    parser.add_argument("--micro-batch-rows", type=int, default=1, help="train.micro_batch_rows")
+    parser.add_argument("--answer-fraction", type=float, default=0.25,
+                        help="share of a row's tokens that are labelled answers (drives the logits memory)")
+    parser.add_argument("--chunk-tokens", type=int, default=2048, help="loss.lm_head_chunk_tokens")
+    parser.add_argument("--teacher", default="Qwen2.5-72B", help="teacher model (bundled name, folder or config.json)")
+    parser.add_argument("--teacher-context", type=int, default=32768,
+                        help="tokens of the longest report's prompt + answer (teacher.max_model_len)")
+    parser.add_argument("--teacher-nodes", type=int, help="Stage 1 nodes (default: --nodes)")
+    parser.add_argument("--teacher-min-sequences", type=int, default=8,
+                        help="longest-report sequences each replica's KV cache must hold at once")
+    args = parser.parse_args(argv)
+    teacher_nodes = args.teacher_nodes or args.nodes
+    try:
+        student = plan_student(load_architecture(args.student), args.context, args.nodes, args.gpus_per_node,
+                               args.gpu_memory, args.micro_batch_rows, args.answer_fraction, args.chunk_tokens)
+        teacher = plan_teacher(load_architecture(args.teacher), args.teacher_context, teacher_nodes,
+                               args.gpus_per_node, args.gpu_memory, min_sequences=args.teacher_min_sequences)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(student, teacher, args.nodes, args.gpus_per_node, args.gpu_memory, teacher_nodes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+# Sourced by slurm/*.sbatch from the repository root: arguments, the Python environment, the
+# config's values (launch/slurm_args.py vars), node addresses and per-job ports.
+# Sets CONFIG, OVERRIDES and the DISTIL_* variables of distil/slurm_args.py:stage_variables.
+
+die() { echo "error: $*" >&2; exit 2; }
+log() { echo "[$(date '+%F %T') ${SLURM_JOB_NAME:-distil} ${SLURM_JOB_ID:-}] $*"; }
+
+[[ $# -ge 1 ]] || die "usage: sbatch slurm/$(basename "${0%.*}").sbatch CONFIG.yaml [section.key=value ...]"
+CONFIG=$1
+shift
+OVERRIDES=("$@")
+[[ -f $CONFIG ]] || die "config $CONFIG not found from $PWD; submit from the repository root or give an absolute path"
+
+# The Python environment: slurm.env_setup (or DISTIL_SLURM_ENV_SETUP), else the one sbatch was called from.
+applied_env_setup=${DISTIL_SLURM_ENV_SETUP:-}
+if [[ -n $applied_env_setup ]]; then
+  eval "$applied_env_setup" || die "slurm.env_setup failed: $applied_env_setup"
+fi
+python -c "import distil" 2>/dev/null \
+  || die "python ($(command -v python || echo 'not on PATH')) cannot import distil on $(hostname -s): set" \
+         "slurm.env_setup in $CONFIG (e.g. 'source .venv/bin/activate') or activate the environment before sbatch"
+stage_vars=$(python launch/slurm_args.py vars "$CONFIG" "${OVERRIDES[@]}") || die "cannot read $CONFIG (see above)"
+eval "$stage_vars"
+if [[ -n $DISTIL_SLURM_ENV_SETUP && $DISTIL_SLURM_ENV_SETUP != "$applied_env_setup" ]]; then
+  eval "$DISTIL_SLURM_ENV_SETUP" || die "slurm.env_setup failed: $DISTIL_SLURM_ENV_SETUP"
+fi
+export DISTIL_SLURM_ENV_SETUP
+# What SLURM allocated wins over the config (sbatch may have been given other options than the YAML's).
+DISTIL_GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$DISTIL_GPUS_PER_NODE}
+DISTIL_CPUS_PER_NODE=${SLURM_CPUS_PER_TASK:-$DISTIL_CPUS_PER_NODE}
+DISTIL_RANKS_PER_NODE=${DISTIL_RANKS_PER_NODE:-$DISTIL_GPUS_PER_NODE}
+
+# The address SLURM reaches a node at (its NodeAddr on the cluster network), as an IPv4 address.
+node_address() {
+  local addr ip
+  addr=$(scontrol show node "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)
+  addr=${addr:-$1}
+  ip=$(getent ahostsv4 "$addr" | awk 'NR == 1 {print $1}' || true)
+  echo "${ip:-$addr}"
+}
+
+# Port $1 (0-15) of this job's block of 16: derived from the job id, below Linux's ephemeral range
+# (32768+), so two jobs sharing a node never collide unless their ids differ by a multiple of 750.
+job_port() {
+  echo $((20000 + (SLURM_JOB_ID % 750) * 16 + $1))
+}
+
+# Fail early, with the port named, when one of this job's ports is taken on this node.
+check_ports_free() {
+  local addr=$1
+  shift
+  python - "$addr" "$@" <<'PY' || die "port(s) above are in use on $(hostname -s); resubmit (the job id picks the ports)"
+import socket, sys
+busy = []
+for port in map(int, sys.argv[2:]):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "in use"
+        try:
+            s.bind((sys.argv[1], port))
+        except OSError:
+            busy.append(port)
+if busy:
+    print(f"error: port(s) {busy} on {sys.argv[1]} are in use", file=sys.stderr)
+    sys.exit(1)
+PY
+}
+
+# Wait for background process $1, also across trapped signals (a trap interrupts `wait`); returns its status.
+wait_for() {
+  while kill -0 "$1" 2>/dev/null; do
+    wait "$1" || true
+  done
+  wait "$1"
+}

@@ -1,0 +1,288 @@
+"""A real one-node SLURM cluster for tests: Debian's slurmctld + slurmd + munge, installed with
+apt-get when missing, configured in a private folder with its own ports and munge socket, and
+stopped afterwards (daemons by their pid files; nothing else on the machine is touched).
+
+Facts this relies on (see ../shared/DESIGN.md): SlurmctldHost must be the machine's short
+hostname; munged must run as the munge user; EnforcePartLimits=ALL makes an impossible request
+fail at submission instead of pending forever; with proctrack/linuxproc a daemon started by a job
+outlives the job, so the job scripts stop what they start.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_installed() -> None:
+    """apt-get install the four Debian packages once (about 10 s); an error says what to run."""
+    if all(shutil.which(b) for b in BINARIES):
+        return
+    if os.geteuid() != 0:
+        raise RuntimeError(f"SLURM is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends", *PACKAGES]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update"], env=env, capture_output=True)
+        proc = subprocess.run(install, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed:\n"
+                               f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class SlurmCluster:
+    """One node, one partition ("debug"), all of this machine's CPUs, no GPUs, no accounting."""
+
+    def __init__(self):
+        ensure_installed()
+        # munged runs as the munge user, which must reach its socket: not under pytest's 0700 tmp folders
+        self.root = Path(tempfile.mkdtemp(prefix="distil-slurm-"))
+        self.root.chmod(0o755)
+        self.host = socket.gethostname().split(".")[0]
+        self.cpus = os.cpu_count() or 1
+        self.conf = self.root / "slurm.conf"
+        self.munge_dir = self.root / "munge"
+        self.munge_socket = self.munge_dir / "munge.socket"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self._pidfiles = {name: self.root / f"{name}.pid" for name in ("slurmctld", "slurmd")}
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> SlurmCluster:
+        self._start_munge()
+        for folder in ("state", "spool", "log"):
+            (self.root / folder).mkdir(exist_ok=True)
+        self.conf.write_text(self._slurm_conf())
+        self._run(["slurmctld", "-f", str(self.conf), "-c"])
+        self._run(["slurmd", "-f", str(self.conf), "-N", self.host])
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            proc = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            if proc.stdout.strip() == "idle":
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"SLURM did not come up in {timeout:.0f} s:\n{self.logs()}")
+
+    def stop(self) -> None:
+        """Cancel what still runs, stop slurmd, slurmctld and munged (SIGTERM by pid file, SIGKILL after
+        20 s) and remove the folder. A running job's slurmstepd outlives slurmd, so jobs go first."""
+        if _alive(_pid(self._pidfiles["slurmctld"])):
+            self.run(["scancel", "--partition=debug"], timeout=30)
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                squeue = self.run(["squeue", "-h", "-o", "%i %T"], timeout=30)
+                if squeue.returncode != 0 or not squeue.stdout.strip():
+                    break
+                time.sleep(1)
+        pids = [_pid(f) for f in self._pidfiles.values()] + [_pid(self.munge_dir / "munged.pid")]
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        while any(_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> SlurmCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start_munge(self) -> None:
+        self.munge_dir.mkdir(exist_ok=True)
+        shutil.chown(self.munge_dir, "munge", "munge")
+        self.munge_dir.chmod(0o755)
+        cmd = ["runuser", "-u", "munge", "--", "munged", f"--socket={self.munge_socket}",
+               f"--pid-file={self.munge_dir / 'munged.pid'}", f"--log-file={self.munge_dir / 'munged.log'}",
+               f"--seed-file={self.munge_dir / 'munged.seed'}"]
+        self._run(cmd)
+
+    def _run(self, cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}\n{self.logs()}")
+
+    def _slurm_conf(self) -> str:
+        r = self.root
+        # job ids pick the jobs' ports (slurm/common.sh): start at a random id so runs do not share them.
+        # cred_expire is also how long SLURM holds a requeued job before restarting it (default 120 s).
+        return f"""\
+ClusterName=distiltest
+SlurmctldHost={self.host}
+SlurmUser=root
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket},cred_expire=30
+StateSaveLocation={r / 'state'}
+SlurmdSpoolDir={r / 'spool'}
+SlurmctldPidFile={self._pidfiles['slurmctld']}
+SlurmdPidFile={self._pidfiles['slurmd']}
+SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
+SlurmdLogFile={r / 'log' / 'slurmd.log'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+EnforcePartLimits=ALL
+JobRequeue=1
+MinJobAge=3600
+FirstJobId={random.randint(1000, 900000)}
+KillWait=10
+InactiveLimit=0
+SlurmdParameters=config_overrides
+NodeName={self.host} CPUs={self.cpus} State=UNKNOWN
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def run(self, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        """A SLURM client command (sbatch, scontrol, ...) against this cluster."""
+        env = dict(self.env, **kwargs.pop("env", {}))
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=kwargs.pop("timeout", 120),
+                              **kwargs)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """scontrol's fields of a job (JobState, ExitCode, Reason, Restarts, ...)."""
+        proc = self.run(["scontrol", "show", "job", "-o", job_id])
+        if proc.returncode != 0:
+            raise RuntimeError(f"scontrol show job {job_id}: {proc.stderr}")
+        fields = {}
+        for item in proc.stdout.split():
+            key, _, value = item.partition("=")
+            fields.setdefault(key, value)
+        return fields
+
+    def wait(self, job_ids: list[str], timeout: float, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                              "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")) -> dict:
+        """Poll until every job reaches a final state; a timeout raises with the cluster's logs."""
+        deadline = time.time() + timeout
+        while True:
+            states = {j: self.job(j)["JobState"] for j in job_ids}
+            if all(s in done for s in states.values()):
+                return states
+            if time.time() > deadline:
+                raise TimeoutError(f"jobs still {states} after {timeout:.0f} s:\n{self.logs()}")
+            time.sleep(1)
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted((self.root / "log").glob("*.log")) + [self.munge_dir / "munged.log"]:
+            if path.is_file():
+                parts.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny CPU experiment whose every path is absolute under one folder, for jobs that run elsewhere.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_experiment(folder: Path, cpus: int, name: str = "tiny", **sections: dict) -> Path:
+    """Write <folder>/<name>.yaml: launch/configs/tiny_cpu.yaml with its outputs under `folder`, a
+    short Stage 2, and a slurm section for this CPU-only cluster; `sections` update it."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "launch" / "configs" / "tiny_cpu.yaml").read_text())
+    cfg["data"].update(sources=[str(REPO / "data" / "sample")], prepared_dir=str(folder / "data"),
+                       key_info_path=str(folder / "key_info.jsonl"))
+    cfg["model"]["name_or_path"] = str(folder / "student-init")
+    cfg["train"].update(output_dir=str(folder / "student"), max_length=512, pack_length=1024, max_steps=6,
+                        save_steps=3, logging_steps=1, save_total_limit=None, report_to=[], trace_data=True)
+    cfg["teacher"]["model"] = str(folder / "teacher")
+    cfg["eval"]["output_dir"] = str(folder / "eval")
+    cfg["slurm"] = {"gpus_per_node": 0, "cpus_per_node": cpus, "ranks_per_node": 2, "eval_gpus": 0,
+                    "stage1_minutes": 20, "stage2_minutes": 20, "eval_minutes": 20,
+                    "ray_start_timeout_s": 180, "log_dir": str(folder / "logs")}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def prepare_inputs(config: Path, teacher: bool = False) -> None:
+    """Prepared splits and the tiny student (and a tiny teacher) through the launch scripts."""
+    import launch.make_tiny_model as make_tiny_model
+    import launch.prepare_data as prepare_data
+    import yaml
+
+    assert prepare_data.main(["--config", str(config)]) == 0
+    assert make_tiny_model.main(["--config", str(config)]) == 0
+    if teacher:
+        path = yaml.safe_load(config.read_text())["teacher"]["model"]
+        assert make_tiny_model.main(["--config", str(config), f"model.name_or_path={path}"]) == 0
+
+
+def write_ledger(config: Path, missing: int = 2) -> None:
+    """Stage 1's ledger written by hand (for Stage 2 alone): every train report but `missing` has key info."""
+    import json
+
+    import yaml
+
+    from distil.data import read_jsonl
+
+    data = yaml.safe_load(config.read_text())["data"]
+    rows = read_jsonl(Path(data["prepared_dir"]) / "train.jsonl")
+    Path(data["key_info_path"]).write_text("".join(
+        json.dumps({"id": r["id"], "lang": r["lang"], "status": "ok", "key_info": "Key facts: " + r["summary"][:160]})
+        + "\n" for r in rows[missing:]))
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or environment contains `text` (did a job leave anything running?)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline + environ and int(proc.name) != os.getpid():
+            found.append(proc.name + ": " + cmdline.replace(bytes(1), b" ").decode(errors="replace")[:200])
+    return found

@@ -1,0 +1,124 @@
+"""From the slurm section to sbatch options (no SLURM needed): precedence, validation, the dry run,
+the template defaults, and the trainer callback that saves before the time limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from distil.config import ConfigError, load_config
+from distil.slurm_args import env_overrides, resolve, sbatch_options, stage_variables
+
+TINY = REPO / "launch" / "configs" / "tiny_cpu.yaml"
+
+
+def test_environment_variables_become_overrides_verbatim():
+    env = {"DISTIL_SLURM_PARTITION": "gpu", "DISTIL_SLURM_STAGE2_NODES": "4", "HOME": "/root",
+           "DISTIL_SLURM_ENV_SETUP": "module load cuda: 12.4 && source .venv/bin/activate",
+           "DISTIL_SLURM_ACCOUNT": "", "DISTIL_SLURM_EXTRA_ARGS": "[--exclusive]"}
+    cfg = load_config(TINY, env_overrides(env))
+    s = cfg.slurm
+    assert (s.partition, s.stage2_nodes, s.account, s.extra_args) == ("gpu", 4, None, ["--exclusive"])
+    assert s.env_setup == "module load cuda: 12.4 && source .venv/bin/activate"  # not parsed as YAML
+
+
+def test_unknown_variable_is_an_error_listing_the_known_ones():
+    with pytest.raises(ConfigError, match=r"DISTIL_SLURM_PARTITON.*DISTIL_SLURM_PARTITION"):
+        env_overrides({"DISTIL_SLURM_PARTITON": "gpu"})
+
+
+def test_precedence_yaml_then_environment_then_command_line(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("slurm:\n  partition: from_yaml\n  account: from_yaml\n  qos: from_yaml\n")
+    cfg = resolve(path, ["slurm.qos=from_cli"], {"DISTIL_SLURM_ACCOUNT": "from_env", "DISTIL_SLURM_QOS": "from_env"})
+    assert (cfg.slurm.partition, cfg.slurm.account, cfg.slurm.qos) == ("from_yaml", "from_env", "from_cli")
+
+
+def test_sbatch_options_of_each_stage(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("slurm:\n  partition: gpu\n  account: proj\n  stage1_nodes: 2\n  stage2_nodes: 4\n"
+                    "  mem: '0'\n  extra_args: ['--exclusive']\n  save_before_timeout_s: 600\n")
+    cfg = load_config(path)
+    common = ["--partition=gpu", "--account=proj"]
+    assert sbatch_options(cfg, "stage1", "x") == [
+        "--job-name=distil-stage1-x", "--output=runs/slurm/%x-%j.out", *common, "--nodes=2", "--ntasks-per-node=1",
+        "--cpus-per-task=64", "--gpus-per-node=8", "--time=1440", "--mem=0", "--exclusive"]
+    stage2 = sbatch_options(cfg, "stage2", "x")
+    assert "--nodes=4" in stage2 and "--signal=B:USR1@600" in stage2 and "--requeue" in stage2
+    evaluation = sbatch_options(cfg, "eval", "x")
+    assert "--nodes=1" in evaluation and "--gpus-per-node=1" in evaluation and "--time=720" in evaluation
+    assert stage_variables(cfg)["DISTIL_RANKS_PER_NODE"] == ""  # one rank per allocated GPU
+
+
+@pytest.mark.parametrize("override,message", [
+    ("slurm.stage2_minutes=0", "slurm.stage2_minutes: must be positive"),
+    ("slurm.gpus_per_node=0", "slurm.ranks_per_node: a CPU-only cluster"),
+    ("slurm.extra_args=[exclusive]", "slurm.extra_args: sbatch options start with '-'"),
+    ("slurm.eval_gpus=9", "slurm.eval_gpus: must be <= gpus_per_node (8)"),
+    ("slurm.save_before_timeout_s=70000", "SLURM signals at most 65535 s ahead"),
+    ("slurm.stage2_minutes=5", "must leave Stage 2 at least a minute of its 300 s"),
+])
+def test_bad_slurm_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(TINY, [override])
+
+
+def _pipeline(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env)
+    return subprocess.run([str(REPO / "slurm" / "pipeline.sh"), *args], capture_output=True, text=True,
+                          env=environ, timeout=120)
+
+
+def test_dry_run_prints_a_runnable_chain_of_sbatch_commands():
+    proc = _pipeline("--dry-run", str(TINY), "slurm.partition=gpu", DISTIL_SLURM_STAGE2_NODES="3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split("=")[0] for line in lines] == ["JOB_stage1", "JOB_stage2", "JOB_eval"]
+    assert "--partition=gpu" in lines[0] and "slurm/stage1.sbatch" in lines[0] and "--dependency" not in lines[0]
+    assert "--nodes=3" in lines[1] and "--dependency=afterok:$JOB_stage1 --kill-on-invalid-dep=yes" in lines[1]
+    assert "--dependency=afterok:$JOB_stage2" in lines[2] and lines[2].endswith(f"{TINY} slurm.partition=gpu)")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stages", "eval,stage2", str(TINY)], "--stages must be in pipeline order"),
+    (["--stages", "stage3", str(TINY)], "unknown stage 'stage3'"),
+    (["nope.yaml"], "config nope.yaml not found"),
+    ([str(TINY), "slurm.stage1_nodes=0"], "slurm.stage1_nodes: must be positive"),
+])
+def test_pipeline_errors_are_clear(args, message):
+    proc = _pipeline("--dry-run", *args)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_templates_default_to_an_8_gpu_node_and_stage2_can_be_requeued():
+    stage2 = (REPO / "slurm" / "stage2.sbatch").read_text()
+    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):
+        assert line in stage2
+    assert "#SBATCH --gpus-per-node=8" in (REPO / "slurm" / "stage1.sbatch").read_text()
+    for name in ("stage1", "stage2", "eval"):
+        proc = subprocess.run(["bash", "-n", str(REPO / "slurm" / f"{name}.sbatch")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_stop_file_makes_the_trainer_save_and_stop(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from distil.preemption import SaveAndStopCallback
+
+    stop_file = tmp_path / ".save-and-stop-1"
+    callback = SaveAndStopCallback(stop_file)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    state, control = TrainerState(global_step=7), TrainerControl()
+    callback.on_step_end(args, state, control)
+    assert not (control.should_save or control.should_training_stop or callback.stopped)
+    stop_file.touch()
+    callback.on_step_end(args, state, control)
+    assert control.should_save and control.should_training_stop and callback.stopped
+    callback.on_save(args, state, control)
+    assert Path(f"{stop_file}.saved").read_text() == "checkpoint-7\n"
+    assert SaveAndStopCallback(None).stop_file is None  # outside stage2.sbatch: does nothing
