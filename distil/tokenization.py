@@ -20,7 +20,7 @@ def render_prompt(tokenizer, task: str, lang: str, report: str) -> str:
     )
 
 
-def _answer_ids(tokenizer, task: str, lang: str, answer: str) -> list[int]:
+def answer_ids(tokenizer, task: str, lang: str, answer: str) -> list[int]:
     """Token ids of the assistant turn's body: answer + end-of-turn token, as the template renders it."""
     probe = "x"
     prompt = render_prompt(tokenizer, task, lang, probe)
@@ -60,8 +60,8 @@ def prompt_ids_within(tokenizer, task: str, lang: str, report: str, budget: int)
 
 def encode_example(tokenizer, example: dict, max_length: int) -> dict | None:
     """input_ids + labels for one (task, report, answer); None when the answer alone cannot fit."""
-    answer_ids = _answer_ids(tokenizer, example["task"], example["lang"], example["answer"])
-    budget = max_length - len(answer_ids)
+    answer = answer_ids(tokenizer, example["task"], example["lang"], example["answer"])
+    budget = max_length - len(answer)
     empty_prompt = tokenizer(render_prompt(tokenizer, example["task"], example["lang"], ""),
                              add_special_tokens=False)["input_ids"]
     if budget <= len(empty_prompt):
@@ -70,7 +70,7 @@ def encode_example(tokenizer, example: dict, max_length: int) -> dict | None:
     return {
         "id": example["id"],
         "task": example["task"],
-        "input_ids": prompt_ids + answer_ids,
-        "labels": assistant_labels(len(prompt_ids), answer_ids),
+        "input_ids": prompt_ids + answer,
+        "labels": assistant_labels(len(prompt_ids), answer),
         "truncated": truncated,
     }

@@ -1,9 +1,11 @@
 """Stage 2: distil-tuning a student with the Hugging Face Trainer on DeepSpeed ZeRO.
 
-`DistilTrainer` adds exactly one thing to `transformers.Trainer`: the two-task loss
+`DistilTrainer` adds one thing to `transformers.Trainer`: the two-task loss
 L = gamma * L_sum + (1 - gamma) * L_ext over assistant tokens, in one forward pass over packed
-rows, normalized by the token counts of the whole optimizer step. `train()` is the recipe:
-config -> backend -> model, data -> Trainer.train (resuming when it can) -> export.
+rows, normalized by the token counts of the whole optimizer step (plus a `_save` that keeps tied
+weights tied). `train()` is the recipe: config -> backend -> model, data -> Trainer.train
+(resuming when it can; a finished run is refused) -> export. The caller adds its own callbacks
+(launch/train.py: the generation eval of eval/callback.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from distil.backend import choose_backend
-from distil.checkpoints import latest_complete_checkpoint
+from distil.checkpoints import FinishedRunError, finished_run_message, latest_complete_checkpoint, without_tied_copies
 from distil.config import ExperimentConfig, dump_config
 from distil.dataset import load_train_rows
 from distil.loss import chunked_cross_entropy, distil_loss, task_token_counts
@@ -116,6 +118,12 @@ class DistilTrainer(Trainer):
                                "tokens": 0, "time": time.perf_counter()}
         super().log(logs, *args, **kwargs)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Keep tied weights tied in the saved model (under ZeRO 0-2 lm_head.weight arrives as a copy)."""
+        if state_dict:
+            state_dict = without_tied_copies(state_dict, self.accelerator.unwrap_model(self.model))
+        super()._save(output_dir, state_dict=state_dict)
+
 
 class SaveConfigCallback(TrainerCallback):
     """Store the resolved experiment config in every checkpoint, so a checkpoint explains itself."""
@@ -163,8 +171,12 @@ def training_arguments(cfg: ExperimentConfig, on_cpu: bool) -> TrainingArguments
     )
 
 
-def train(cfg: ExperimentConfig) -> Path | None:
-    """Run Stage 2 under the DeepSpeed launcher; returns the exported model folder (rank 0) or None."""
+def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path | None:
+    """Run Stage 2 under the DeepSpeed launcher; returns the exported model folder (rank 0) or None.
+
+    Raises FinishedRunError when train.output_dir holds a run that already reached the planned steps
+    and was exported (nothing to train, nothing to export).
+    """
     import deepspeed
 
     backend = choose_backend(cfg.model.attn_implementation)
@@ -178,26 +190,26 @@ def train(cfg: ExperimentConfig) -> Path | None:
     rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
                               cfg.train.max_length, cfg.train.pack_length)
     config_text = dump_config(cfg)
-    if args.process_index == 0:
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.train.output_dir) / "experiment.yaml").write_text(config_text)
-        log.info("resolved config:\n%s", config_text)
     trace_dir = Path(cfg.train.output_dir) / "data_trace" if cfg.train.trace_data else None
-    callbacks = [SaveConfigCallback(config_text)] + ([ParamFingerprintCallback(trace_dir)] if trace_dir else [])
     preemption = SaveAndStopCallback.from_env()  # SLURM's pre-termination signal (slurm/stage2.sbatch)
-    callbacks.append(preemption)
-    if cfg.eval.callback_steps > 0:  # summaries of a validation subset every N steps (rank 0 generates)
-        from eval.callback import GenerationEvalCallback
-
-        callbacks.append(GenerationEvalCallback(cfg))
+    fingerprint = [ParamFingerprintCallback(trace_dir)] if trace_dir else []
+    own = [SaveConfigCallback(config_text), *fingerprint, preemption]
     trainer = DistilTrainer(
         model=model, args=args, train_dataset=rows, data_collator=collate_packed, processing_class=tokenizer,
-        callbacks=callbacks, gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
+        callbacks=own + list(callbacks), gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
         trace_dir=trace_dir,
     )
     resume = latest_complete_checkpoint(cfg.train.output_dir) if cfg.train.resume == "auto" else None
     if resume:
-        log.info("resuming from %s", resume)
+        planned_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+        finished = finished_run_message(resume, planned_steps, cfg.train)
+        if finished:
+            raise FinishedRunError(finished)
+        log.info("resuming from %s (%d optimizer steps planned)", resume, planned_steps)
+    if args.process_index == 0:
+        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.train.output_dir) / "experiment.yaml").write_text(config_text)
+        log.info("resolved config:\n%s", config_text)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_state()
     if preemption.stopped:

@@ -7,6 +7,7 @@ Results folder (eval.output_dir):
   per_report.csv              every metric of every report
   plots/                      metrics_by_language.png, length.png
   extraction.* (eval.extraction) entity P/R/F1 against the teacher's JSON key information
+  showcase.json (eval.showcase_id) one public report beside every model's summary (also in results.md)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from eval.bertscore import BertScore
 from eval.generate import generate_predictions, read_predictions
 from eval.report import write_report
 from eval.scoring import score_predictions
+from eval.showcase import showcase, write_showcase
 
 log = logging.getLogger(__name__)
 
@@ -47,5 +49,11 @@ def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
 
         markdown += evaluate_extraction(cfg, models, records)
         (out / "results.md").write_text(markdown)
+    if e.showcase_id:  # into results.md only: the returned (printed) Markdown never holds report text
+        predictions = {label: read_predictions(out / "predictions" / f"{label}.jsonl") for label in models}
+        side_by_side = write_showcase(out, showcase(records, predictions, e.showcase_id, cfg.data.key_info_path))
+        with open(out / "results.md", "a") as f:
+            f.write("\n" + side_by_side)
+        markdown += f"\nOne report side by side ({e.showcase_id}): in {out / 'results.md'}\n"
     log.info("results in %s: %s", out, json.dumps(counts))
     return markdown

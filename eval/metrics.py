@@ -69,6 +69,23 @@ def bootstrap_ci(values: list[float], samples: int, seed: int) -> tuple[float, f
     return float(lo), float(hi)
 
 
+def copied_ngram_share(prediction: str, source: str, n: int = 4) -> float:
+    """copy4: share of the prediction's word n-grams (lowercased, NFC) found verbatim in the source report.
+
+    A summarizer that scores ROUGE by pasting sentences of the report is not what users want; the
+    gold summaries give the reference value. A prediction shorter than n words copies nothing (0).
+    """
+    def grams(text: str) -> list[tuple[str, ...]]:
+        words = WORD.findall(unicodedata.normalize("NFC", text).lower())
+        return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+    pred = grams(prediction)
+    if not pred:
+        return 0.0
+    seen = set(grams(source))
+    return sum(g in seen for g in pred) / len(pred)
+
+
 def word_count(text: str) -> int:
     """Length in words (the length plot's unit), language-independent."""
     return len(WORD.findall(text))

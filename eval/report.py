@@ -16,7 +16,8 @@ from eval.metrics import bootstrap_ci
 from eval.scoring import METRICS
 
 HEADERS = {"bertscore_p": "BERTScore P", "bertscore_r": "BERTScore R", "bertscore_f1": "BERTScore F1",
-           "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+           "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "copy4": "copy4"}
+PLOTTED = ("bertscore_p", "bertscore_r", "bertscore_f1", "rouge1", "rouge2", "rougeL")
 
 
 def aggregate(scores: dict[str, list[dict]], samples: int, seed: int) -> list[dict]:
@@ -97,13 +98,28 @@ def speed(scores: dict[str, list[dict]], teacher_label: str, gpu_hour_price: flo
     return out
 
 
-def speed_markdown(rows: list[dict]) -> str:
+def hardware_of(cfg) -> str | None:
+    """None on a GPU run (the table counts GPUs); on CPU its description, since GPU counts and a GPU-hour
+    price mean nothing there."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        return None
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def speed_markdown(rows: list[dict], cpu: str | None = None) -> str:
+    """The speed table; on CPU (`cpu` = its description) the hardware replaces GPUs and the cost is not priced."""
     compare = any("times_faster_than_teacher" in r for r in rows)
-    head = "| Model | GPUs | tokens/s | s/report | cost/report |" + (" × faster | × cheaper |" if compare else "")
+    head = f"| Model | {'hardware' if cpu else 'GPUs'} | tokens/s | s/report | cost/report |" + \
+        (" × faster | × cheaper |" if compare else "")
     lines = [head, "|---|---:|---:|---:|---:|" + ("---:|---:|" if compare else "")]
     for r in rows:
-        line = (f"| {r['model']} | {r['gpus']} | {r['tokens_per_s']:.1f} | {r['seconds_per_report']:.3f} "
-                f"| {r['cost_per_report']:.6f} |")
+        cost = "— (CPU)" if cpu else f"{r['cost_per_report']:.6f}"
+        line = (f"| {r['model']} | {cpu or r['gpus']} | {r['tokens_per_s']:.1f} | {r['seconds_per_report']:.3f} "
+                f"| {cost} |")
         if compare:
             ratio = [r.get("times_faster_than_teacher"), r.get("times_cheaper_than_teacher")]
             line += "".join(f" {x:.1f} |" if x is not None else " — |" for x in ratio)
@@ -125,7 +141,7 @@ def plot_metrics(agg: list[dict], path: str | Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharey=False)
     width = 0.8 / len(models)
     x = np.arange(len(langs))
-    for ax, m in zip(axes.flat, METRICS):
+    for ax, m in zip(axes.flat, PLOTTED):
         for k, model in enumerate(models):
             rs = [cells.get((lang, model)) for lang in langs]
             mean = [100 * r[m] if r else np.nan for r in rs]
@@ -180,10 +196,16 @@ def write_report(out_dir: str | Path, scores: dict[str, list[dict]], counts: dic
     (out_dir / "scores.json").write_text(json.dumps(
         {"rouge_tokenizer": cfg.rouge_tokenizer, "bertscore_model": cfg.bertscore_model,
          "bertscore_rescale": cfg.bertscore_rescale, "bootstrap_samples": cfg.bootstrap_samples,
-         "counts": counts, "scores": agg, "speed": fast}, indent=1))
+         "counts": counts, "scores": agg, "speed": fast, "hardware": hardware_of(cfg) or "gpu"}, indent=1))
     markdown = f"## Results ({cfg.split} split, ROUGE tokenizer: {cfg.rouge_tokenizer})\n\n{table}"
+    gold = [r["ref_copy4"] for rows in scores.values() for r in rows if "ref_copy4" in r]
+    if gold:
+        markdown += (f"\ncopy4 = share of a prediction's word 4-grams found verbatim in its report (lower = more "
+                     f"abstractive); the gold summaries: {100 * sum(gold) / len(gold):.2f}.\n")
     if fast:
-        markdown += f"\n## Speed and cost (GPU-hour price {cfg.gpu_hour_price})\n\n{speed_markdown(fast)}"
+        cpu = hardware_of(cfg)
+        title = f"on {cpu}" if cpu else f"GPU-hour price {cfg.gpu_hour_price}"
+        markdown += f"\n## Speed and cost ({title})\n\n{speed_markdown(fast, cpu)}"
     (out_dir / "results.md").write_text(markdown)
     plot_metrics(agg, out_dir / "plots" / "metrics_by_language.png")
     plot_lengths(scores, out_dir / "plots" / "length.png")

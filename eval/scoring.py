@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 
 from distil.data import DataError
-from eval.metrics import SNOWBALL_LANGUAGES, rouge, word_count
+from eval.metrics import SNOWBALL_LANGUAGES, copied_ngram_share, rouge, word_count
 
 log = logging.getLogger(__name__)
 
-METRICS = ("bertscore_p", "bertscore_r", "bertscore_f1", "rouge1", "rouge2", "rougeL")
+METRICS = ("bertscore_p", "bertscore_r", "bertscore_f1", "rouge1", "rouge2", "rougeL", "copy4")
 
 
 def align(references: list[dict], predictions: dict[str, dict]) -> tuple[list[tuple[dict, dict]], dict[str, int]]:
@@ -50,7 +50,8 @@ def align(references: list[dict], predictions: dict[str, dict]) -> tuple[list[tu
 
 def score_predictions(references: list[dict], predictions: dict[str, dict], rouge_mode: str,
                       bertscore) -> tuple[list[dict], dict[str, int]]:
-    """One row per scored report: id, lang, the six metrics, lengths in words, tokens and seconds."""
+    """One row per scored report: id, lang, the metrics (copy4 too, and the gold summary's ref_copy4),
+    lengths in words, tokens and seconds."""
     pairs, counts = align(references, predictions)
     bert: dict[str, dict] = {}
     for lang in sorted({ref["lang"] for ref, _ in pairs}):
@@ -61,6 +62,8 @@ def score_predictions(references: list[dict], predictions: dict[str, dict], roug
     for ref, pred in pairs:
         row = {"id": ref["id"], "lang": ref["lang"], **bert[ref["id"]],
                **rouge(pred["prediction"], ref["summary"], ref["lang"], rouge_mode),
+               "copy4": copied_ngram_share(pred["prediction"], ref["report"]),
+               "ref_copy4": copied_ngram_share(ref["summary"], ref["report"]),
                "pred_words": word_count(pred["prediction"]), "ref_words": word_count(ref["summary"])}
         row.update({key: pred[key] for key in ("gen_tokens", "seconds") if key in pred})
         rows.append(row)

@@ -14,7 +14,8 @@ instance is started):
 
 Reads data.prepared_dir/<split>.jsonl for teacher.splits, appends to data.key_info_path and
 writes its summary next to it (*.summary.json). Rerunning resumes: done reports are skipped.
-Exit status 0 = every report has a record, 1 = some failed (rerun to retry them), 2 = bad input.
+Exit status 0 = every report has a record, 1 = some failed (rerun to retry them), 2 = bad input
+(config, data, or a teacher.model folder that distil/model_check.py refuses).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 
 from distil.config import ConfigError, load_config
 from distil.data import DataError
+from distil.model_check import ModelInputError, check_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        if cfg.teacher.backend == "vllm":  # before Ray and the engines start (openai: the model is remote)
+            check_model_dir(cfg.teacher.model, "teacher", "teacher.model")
+    except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from teacher_serving.annotate import annotate

@@ -7,7 +7,8 @@
 
 Writes eval.output_dir (predictions, scores, results.md, plots). A rerun resumes: reports that
 already have a prediction are not generated again. Label a model `teacher` (eval.teacher_label)
-to get the student vs teacher speed and cost comparison.
+to get the student vs teacher speed and cost comparison. Every model folder is checked first
+(config.json, weights, tokenizer with a chat template; distil/model_check.py): exit status 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 
 from distil.config import ConfigError, load_config
 from distil.data import DataError
+from distil.model_check import check_model_dir
 
 
 LABEL = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models, late_overrides = split_models(args.models)
         cfg = load_config(args.config, list(args.overrides) + late_overrides)
+        for label, path in models.items():  # all of them before the first engine starts
+            check_model_dir(path, f"model {label}", f"--models {label}")
         from eval.evaluate import evaluate
 
         markdown = evaluate(cfg, models)

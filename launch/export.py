@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distil.checkpoints import export_checkpoint
+from distil.checkpoints import check_checkpoint, export_checkpoint
+from distil.model_check import ModelInputError, check_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder for config, safetensors, tokenizer")
     args = parser.parse_args(argv)
     try:
+        check_checkpoint(args.checkpoint)
+        check_model_dir(args.checkpoint, "checkpoint to export", "--checkpoint", weights=False)  # its tokenizer
         out = export_checkpoint(args.checkpoint, args.output)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"model: {out}")

@@ -3,8 +3,10 @@
     deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny_cpu.yaml --deepspeed ds_configs/zero3.json
     deepspeed --num_gpus 8 launch/train.py --config launch/configs/paper_qwen25_05b.yaml train.learning_rate=2e-5
 
-Resumes from the newest complete checkpoint in train.output_dir; writes the consolidated
-Hugging Face model to train.output_dir/hf at the end. On CPU export OMP_NUM_THREADS=1.
+Resumes from the newest complete checkpoint in train.output_dir (a finished run there is an error:
+nothing would be trained); writes the consolidated Hugging Face model to train.output_dir/hf at the
+end. eval.callback_steps > 0 adds the generation eval (eval/callback.py). On CPU export
+OMP_NUM_THREADS=1. Exit status 2 = bad input (config, student model, finished run).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import logging
 import os
 import sys
 
+from distil.checkpoints import FinishedRunError
 from distil.config import ConfigError, load_config
+from distil.data import DataError
+from distil.model_check import ModelInputError, check_model_dir
 
 LAUNCH_HINT = "deepspeed --num_gpus N launch/train.py --config CONFIG.yaml [--deepspeed ds_configs/zero2.json]"
 
@@ -32,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
+        check_model_dir(cfg.model.name_or_path, "student", "model.name_or_path")
+    except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rank = int(os.environ["RANK"])
@@ -40,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s rank{rank} %(name)s: %(message)s", force=True)
     from distil.trainer import train
 
-    hf_dir = train(cfg)
+    try:
+        callbacks = []
+        if cfg.eval.callback_steps > 0:  # summaries of a validation subset every N steps (rank 0 generates)
+            from eval.callback import GenerationEvalCallback
+
+            callbacks.append(GenerationEvalCallback(cfg))
+        hf_dir = train(cfg, callbacks)
+    except (DataError, FinishedRunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if hf_dir:
         print(f"model: {hf_dir}")
     return 0

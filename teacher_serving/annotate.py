@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 
 def sampling_key(t: TeacherConfig) -> dict:
     """The sampling settings that make two annotations of a report the same annotation."""
-    return {"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens, "seed": t.seed,
-            "stop": list(t.stop), "key_info_format": t.key_info_format}
+    key = {"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens, "seed": t.seed,
+           "stop": list(t.stop), "key_info_format": t.key_info_format}
+    if t.repetition_penalty != 1.0:  # only when set: ledgers written before the option keep their keys
+        key["repetition_penalty"] = t.repetition_penalty
+    return key
 
 
 @dataclass
@@ -86,6 +89,8 @@ def request(item: Item, t: TeacherConfig, schema: dict | None) -> dict:
     retry = item.attempts > 0
     sampling = {"temperature": t.retry_temperature if retry else t.temperature, "top_p": t.top_p,
                 "max_tokens": t.max_new_tokens, "seed": t.seed + item.attempts, "stop": list(t.stop)}
+    if t.repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = t.repetition_penalty
     return {"messages": item.messages, "sampling": sampling, "json_schema": schema}
 
 

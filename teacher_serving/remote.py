@@ -46,6 +46,8 @@ class RemotePool:
     def _one(self, request: dict) -> dict:
         s = request["sampling"]
         extra = {}
+        if "repetition_penalty" in s:  # not in the OpenAI API; vLLM's server reads it from the body
+            extra["extra_body"] = {"repetition_penalty": s["repetition_penalty"]}
         if request.get("json_schema"):
             extra["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "key_info", "schema": request["json_schema"], "strict": True}}

@@ -68,3 +68,30 @@ def test_empty_split_is_a_clear_error(tmp_path, prepared_dir, tiny_model):
     cfg = experiment(tmp_path, tiny_model, tmp_path / "run", **{"eval.callback_split": "valid"})
     with pytest.raises(DataError, match="valid.jsonl is empty.*eval.callback_split"):
         GenerationEvalCallback(cfg)
+
+
+def test_the_library_does_not_import_the_eval_package():
+    """distil/ is the library, eval/ builds on it: the recipe (launch/train.py) attaches the callback."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "distil").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "eval" or n.startswith("eval.") for n in names), f"{path.name} imports {names}"
+
+
+def test_launch_train_attaches_the_callback(tmp_path, prepared_dir, tiny_model, monkeypatch):
+    import distil.trainer
+    from launch import train as launch_train
+
+    calls = []
+    monkeypatch.setattr(distil.trainer, "train", lambda cfg, callbacks: calls.append([type(c) for c in callbacks]))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    argv = ["--config", CONFIG, f"data.prepared_dir={prepared_dir}", f"model.name_or_path={tiny_model}",
+            f"train.output_dir={tmp_path / 'run'}", "eval.callback_split=test"]
+    assert launch_train.main(argv + ["eval.callback_steps=2"]) == 0
+    assert launch_train.main(argv + ["eval.callback_steps=0"]) == 0
+    assert calls == [[GenerationEvalCallback], []]

@@ -62,6 +62,7 @@ def test_bad_config_value_names_the_key(capsys, tmp_path):
     assert "eval.rouge_tokenizer" in capsys.readouterr().err
 
 
-def test_missing_split_file_is_a_clear_error(capsys, tmp_path):
-    assert launch_evaluate.main(["--config", CONFIG, "--models", "base=x", f"data.prepared_dir={tmp_path}"]) == 2
+def test_missing_split_file_is_a_clear_error(capsys, tmp_path, tiny_model):
+    assert launch_evaluate.main(["--config", CONFIG, "--models", f"base={tiny_model}",
+                                 f"data.prepared_dir={tmp_path}"]) == 2
     assert "test.jsonl: not found" in capsys.readouterr().err

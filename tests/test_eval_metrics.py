@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer, tokenizers
 
-from eval.metrics import UnicodeTokenizer, bootstrap_ci, rouge, word_count
+from eval.metrics import UnicodeTokenizer, bootstrap_ci, copied_ngram_share, rouge, word_count
 
 
 def test_paper_mode_hand_computed_pair():
@@ -92,3 +92,13 @@ def test_bootstrap_one_resample_is_that_resample_mean():
 
 def test_word_count():
     assert word_count("Neumonía, 2 días; ok_go") == 5
+
+
+def test_copy4_counts_the_prediction_4grams_found_in_the_report():
+    report = "The patient had a high fever and a dry cough for three days."
+    # prediction 4-grams: (the patient had a) in report, (patient had a high) in, (had a high fever) in,
+    # (a high fever today) not: 3 of 4; case and punctuation do not matter.
+    assert copied_ngram_share("The patient had a HIGH fever, today", report) == pytest.approx(3 / 4)
+    assert copied_ngram_share("fever and cough", report) == 0.0  # under 4 words: nothing to copy
+    assert copied_ngram_share("Fiebre alta y tos seca", "fiebre alta y tos seca") == 1.0
+    assert copied_ngram_share("", report) == 0.0

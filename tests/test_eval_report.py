@@ -1,18 +1,19 @@
 """Alignment of predictions with references (bad inputs), aggregation, the table, speed/cost, plots."""
 
 import json
+import os
 
 import pytest
 
 from distil.config import EvalConfig
 from distil.data import DataError
-from eval.report import aggregate, markdown_table, speed, write_report
+from eval.report import aggregate, markdown_table, speed, speed_markdown, write_report
 from eval.scoring import align, score_predictions
 
 REFS = [
-    {"id": "en_1", "lang": "en", "summary": "Fever and cough."},
-    {"id": "en_2", "lang": "en", "summary": "Chest pain."},
-    {"id": "es_1", "lang": "es", "summary": "Neumonía grave."},
+    {"id": "en_1", "lang": "en", "summary": "Fever and cough.", "report": "She had fever and cough since Monday."},
+    {"id": "en_2", "lang": "en", "summary": "Chest pain.", "report": "Chest pain at rest."},
+    {"id": "es_1", "lang": "es", "summary": "Neumonía grave.", "report": "Neumonía grave bilateral."},
 ]
 
 
@@ -61,13 +62,13 @@ def test_score_rows_hold_metrics_lengths_and_timing():
     assert counts == {"references": 3, "missing": 1, "empty": 0, "scored": 2}
     assert rows[0] == {"id": "en_1", "lang": "en", "bertscore_p": 0.5, "bertscore_r": 0.25, "bertscore_f1": 1 / 3,
                        "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "pred_words": 3, "ref_words": 3,
-                       "gen_tokens": 4, "seconds": 0.5}
+                       "copy4": 0.0, "ref_copy4": 0.0, "gen_tokens": 4, "seconds": 0.5}
     assert rows[1]["rouge1"] == 1.0 and rows[1]["lang"] == "es"
 
 
 def metric_row(lang, value, **kw):
     return {"lang": lang, "bertscore_p": value, "bertscore_r": value, "bertscore_f1": value,
-            "rouge1": value, "rouge2": value / 2, "rougeL": value, **kw}
+            "rouge1": value, "rouge2": value / 2, "rougeL": value, "copy4": value / 4, **kw}
 
 
 def test_aggregate_means_per_language_and_all():
@@ -84,11 +85,12 @@ def test_markdown_table_layout():
     scores = {"base": [metric_row("en", 0.2)], "distil": [metric_row("en", 0.4)]}
     lines = markdown_table(aggregate(scores, samples=10, seed=0)).splitlines()
     assert lines[0] == ("| Language | Model | n | BERTScore P | BERTScore R | BERTScore F1 "
-                        "| ROUGE-1 | ROUGE-2 | ROUGE-L |")
-    assert lines[2] == "| EN | base | 1 | 20.00 | 20.00 | 20.00 | 20.00 | 10.00 | 20.00 |"
-    assert lines[3] == "| EN | distil | 1 | 40.00 | 40.00 | 40.00 | 40.00 | 20.00 | 40.00 |"
-    assert lines[4] == "| All | base | 1 | 20.00 | 20.00 | 20.00 | 20.00 | 10.00 | 20.00 |"
-    assert "| EN | base | 1 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 10.0–10.0 | 20.0–20.0 |" in lines
+                        "| ROUGE-1 | ROUGE-2 | ROUGE-L | copy4 |")
+    assert lines[2] == "| EN | base | 1 | 20.00 | 20.00 | 20.00 | 20.00 | 10.00 | 20.00 | 5.00 |"
+    assert lines[3] == "| EN | distil | 1 | 40.00 | 40.00 | 40.00 | 40.00 | 20.00 | 40.00 | 10.00 |"
+    assert lines[4] == "| All | base | 1 | 20.00 | 20.00 | 20.00 | 20.00 | 10.00 | 20.00 | 5.00 |"
+    assert ("| EN | base | 1 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 10.0–10.0 | 20.0–20.0 | 5.0–5.0 |"
+            in lines)
 
 
 def test_speed_and_cost_against_the_teacher():
@@ -120,4 +122,29 @@ def test_write_report_files(tmp_path):
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["counts"] == counts and len(saved["scores"]) == 6
     assert "| PT | teacher | 1 |" in markdown and "× faster" in markdown
+    # on CPU the speed table names the machine, not a GPU count, and prices nothing
+    assert f"| base | CPU ({os.cpu_count()} cores) |" in markdown and "— (CPU)" in markdown
+    assert "| base | 1 | " not in markdown.split("## Speed")[1]
     assert (tmp_path / "scores.csv").read_text().splitlines()[0].startswith("model,lang,n,bertscore_p,bertscore_p_lo")
+
+
+def test_speed_table_on_a_gpu_counts_gpus_and_prices_them():
+    rows = [{"model": "student", "reports": 2, "tokens_per_s": 400.0, "seconds_per_report": 0.1, "gpus": 1,
+             "cost_per_report": 0.1 / 3600 * 2.0}]
+    assert speed_markdown(rows).splitlines()[2] == "| student | 1 | 400.0 | 0.100 | 0.000056 |"
+    assert speed_markdown(rows, "CPU (2 cores)").splitlines()[2] == "| student | CPU (2 cores) | 400.0 | 0.100 | — (CPU) |"
+
+
+def test_showcase_puts_one_report_beside_every_summary(tmp_path):
+    from eval.showcase import showcase, showcase_markdown
+
+    ledger = tmp_path / "k.jsonl"
+    ledger.write_text(json.dumps({"id": "a", "status": "ok", "key_info": "fever, cough"}) + "\n")
+    records = [{"id": "a", "lang": "en", "report": "Line one.\nLine two.", "summary": "Gold."}]
+    item = showcase(records, {"base": {"a": {"prediction": "Base says."}}, "student": {}}, "a", str(ledger))
+    assert item == {"id": "a", "lang": "en", "report": "Line one.\nLine two.", "gold_summary": "Gold.",
+                    "teacher_key_info": "fever, cough", "summaries": {"base": "Base says.", "student": None}}
+    text = showcase_markdown(item)
+    assert "> Line one.\n> Line two." in text and "**Summary by student**\n\n> (none)" in text
+    with pytest.raises(DataError, match="eval.showcase_id 'zz' is not in the evaluated split"):
+        showcase(records, {}, "zz", None)

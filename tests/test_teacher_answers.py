@@ -48,6 +48,17 @@ def test_retries_sample_at_retry_temperature_with_a_new_seed():
     assert sampling_key(t)["temperature"] == 0.0  # the ledger key is the configured sampling
 
 
+def test_repetition_penalty_reaches_every_try_and_keys_the_ledger_only_when_set():
+    plain = TeacherConfig(max_new_tokens=16, max_model_len=64)
+    assert "repetition_penalty" not in sampling_key(plain)  # ledgers from before the option keep their keys
+    t = TeacherConfig(max_new_tokens=16, max_model_len=64, repetition_penalty=1.15)
+    item = Item({"id": "x", "lang": "en", "report": "r"}, [{"role": "user", "content": "r"}])
+    assert request(item, t, None)["sampling"]["repetition_penalty"] == 1.15
+    item.attempts = 1
+    assert request(item, t, None)["sampling"]["repetition_penalty"] == 1.15
+    assert sampling_key(t) == {**sampling_key(plain), "repetition_penalty": 1.15}
+
+
 def test_fit_prompts_cuts_reports_to_their_first_tokens(tiny_model, sample_records):
     from transformers import AutoTokenizer
 

@@ -103,6 +103,7 @@ def test_zero2_two_ranks_trains_shards_data_and_agrees(zero2_run):
 
     AutoModelForCausalLM.from_pretrained(out / "hf")
     assert AutoTokenizer.from_pretrained(out / "hf").chat_template
+    assert "lm_head.weight" not in _params(out / "hf")  # tied to the embeddings: not written twice
     assert list(out.rglob("events.out.tfevents.*"))
     assert (out / f"checkpoint-{MAX_STEPS}" / "experiment.yaml").is_file()
     assert "2 of 50 reports have no key information" in log
@@ -129,6 +130,18 @@ def test_resume_after_sigkill_ends_with_the_same_parameters(zero2_run, prepared_
 
 
 @pytest.mark.timeout(900)
+def test_rerunning_a_finished_run_is_refused(zero2_run):
+    tmp, config, _ = zero2_run
+    before = sorted(p.name for p in (tmp / "run").iterdir())
+    proc = subprocess.run(_command(config, 2, "--deepspeed", str(REPO / "ds_configs/zero2.json")), cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (f"error: train.output_dir={tmp / 'run'} holds a finished run: checkpoint-{MAX_STEPS} already reached "
+            f"the {MAX_STEPS} optimizer steps this config plans") in proc.stderr
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == before
+
+
+@pytest.mark.timeout(900)
 def test_one_rank_with_accumulation_equals_two_ranks(zero2_run, prepared_dir, tiny_model):
     tmp, _, _ = zero2_run
     config = _config(tmp, prepared_dir, tiny_model, "one_rank", gradient_accumulation_steps=2)
@@ -148,6 +161,7 @@ def test_zero3_two_ranks_and_export_give_the_same_logits(tmp_path, prepared_dir,
     import launch.export as export
 
     assert export.main(["--checkpoint", str(out / "checkpoint-4"), "--output", str(tmp_path / "exported")]) == 0
+    assert "lm_head.weight" not in _params(out / "hf") and "lm_head.weight" not in _params(tmp_path / "exported")
     ids = torch.tensor([list(range(5, 60))])
     live = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)(input_ids=ids).logits
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)(input_ids=ids).logits

@@ -1,0 +1,214 @@
+"""Quality bench: does distil-tuning make a better student? Four arms from the same base model.
+
+    python bench/quality.py                       # SmolLM2 on the real English gold standard, CPU (~90 min)
+    python bench/quality.py --config launch/configs/paper_qwen25_05b.yaml --launcher deepspeed   # GPU node
+
+Arms (same reports, seed and schedule; only what the arm names changes):
+  base              no training
+  standard          gamma = 1: summaries only (fine-tuning baseline)
+  distil            gamma = loss.gamma of the config (0.8, the paper's best): summaries + the teacher's
+                    key information, written by the project's own Stage 1 job (teacher.model)
+  standard_matched  gamma = 1, more epochs, so it sees as many supervised tokens as `distil`: tells a
+                    gain of the extraction task from a gain of more compute
+Each arm is evaluated on the whole test split with the project's evaluation (launch/evaluate.py);
+eval.max_new_tokens is set to cover the reference summaries: the 95th percentile of the test
+references' token lengths (+1 for the end-of-turn token), rounded up to 32. The training summaries
+cannot set it: they are cropped (data.crop_summary_chars), the test references are not. Scores are in points (0-100); `paired.X_minus_Y` is
+the mean per-report difference with a 95% bootstrap interval over the same reports.
+
+Resumable: every step writes under --work and is skipped when done (prepared data, the
+annotation ledger, each arm's training checkpoints and predictions, each arm's result file).
+A run stopped partway continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from distil.config import load_config  # noqa: E402
+from distil.data import read_jsonl, write_jsonl  # noqa: E402
+
+ARMS = ("base", "standard", "distil", "standard_matched")
+METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4")
+PAIRS = (("distil", "base"), ("distil", "standard"), ("distil", "standard_matched"))
+
+
+def paired(a: dict[str, dict], b: dict[str, dict], samples: int, seed: int) -> dict[str, list[float]]:
+    """Per metric [mean, lo, hi] of a - b over the reports both scored (points), resampled together."""
+    from eval.metrics import bootstrap_ci
+
+    ids = sorted(set(a) & set(b))
+    out = {}
+    for m in METRICS:
+        diff = [a[i][m] - b[i][m] for i in ids]
+        lo, hi = bootstrap_ci(diff, samples, seed)
+        out[m] = [round(sum(diff) / len(diff), 3), round(lo, 3), round(hi, 3)]
+    return out
+
+
+def covering_tokens(tokenizer, summaries: list[str], quantile: float = 0.95, step: int = 32) -> int:
+    """Generation budget that covers `quantile` of the reference summaries, rounded up to `step`."""
+    lengths = sorted(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in summaries)
+    k = min(len(lengths) - 1, math.ceil(quantile * len(lengths)) - 1)
+    return step * math.ceil((lengths[k] + 1) / step)  # + 1: the end-of-turn token
+
+
+def run(cmd: list[str], log: Path, env: dict) -> None:
+    """A step as a subprocess (vLLM, Ray and DeepSpeed own their processes); its log goes to a file."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"error: step failed (exit {code}): {shlex.join(cmd)}\n  log: {log}")
+
+
+def prepare(args, cfg, env: dict) -> Path:
+    """Paper split of the sources; the first --train-reports training reports (the split is shuffled)."""
+    data = args.work / "data"
+    if (data / "subset.json").is_file():
+        return data
+    full = args.work / "data_full"
+    run([sys.executable, "launch/prepare_data.py", "--config", args.config, "--output", str(full), *args.overrides],
+        args.work / "logs" / "prepare.log", env)
+    train = read_jsonl(full / "train.jsonl")
+    keep = train[:args.train_reports] if args.train_reports else train
+    write_jsonl(data / "train.jsonl", keep)
+    for split in ("valid", "test"):
+        rows = read_jsonl(full / f"{split}.jsonl")
+        write_jsonl(data / f"{split}.jsonl", rows[:args.test_reports] if split == "test" and args.test_reports else rows)
+    (data / "subset.json").write_text(json.dumps({"train_reports": len(keep), "of": len(train)}))
+    return data
+
+
+def token_budget(cfg, data: Path, key_info: Path, gamma: float) -> dict:
+    """Tokens the arm trains on per epoch: all (compute) and supervised (assistant answers)."""
+    from transformers import AutoTokenizer
+
+    from distil.dataset import load_train_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    _, stats = load_train_rows(tokenizer, str(data), str(key_info), gamma, cfg.train.max_length, cfg.train.pack_length)
+    return {"tokens": stats.tokens, "supervised": stats.labelled_tokens, "rows": stats.rows}
+
+
+def arm_result(eval_dir: Path, arm: str) -> tuple[dict, dict]:
+    """(means in points, per-report metrics in points) from the evaluation's per_report.csv."""
+    per_report = {}
+    with open(eval_dir / "per_report.csv") as f:
+        for row in csv.DictReader(f):
+            if row["model"] == arm:
+                per_report[row["id"]] = {m: 100 * float(row[m]) for m in METRICS}
+    means = {m: round(sum(r[m] for r in per_report.values()) / len(per_report), 3) for m in METRICS}
+    return means, per_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="launch/configs/smollm2_to_smollm2_quality_cpu.yaml")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    parser.add_argument("--launcher", default=f"{Path(sys.executable).parent / 'deepspeed'} --num_gpus 2",
+                        help="how Stage 2 is started (on a GPU node: deepspeed)")
+    parser.add_argument("--train-reports", type=int, default=160, help="first N of the train split; 0 = all")
+    parser.add_argument("--test-reports", type=int, default=0, help="first N of the test split; 0 = all (the bench)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
+    args = parser.parse_args(argv)
+    args.work = args.work.resolve()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cfg = load_config(args.config, args.overrides)
+    started = time.time()
+
+    data = prepare(args, cfg, env)
+    key_info = args.work / "key_info.jsonl"
+    common = [f"data.prepared_dir={data}", f"data.key_info_path={key_info}", *args.overrides]
+    if any(arm in args.arms for arm in ("distil", "standard_matched")):
+        run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
+             "teacher.splits=[train]"], args.work / "logs" / "annotate.log", env)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    max_new = covering_tokens(tokenizer, [r["summary"] for r in read_jsonl(data / "test.jsonl")])
+    budget = {"standard": token_budget(cfg, data, key_info, 1.0),
+              "distil": token_budget(cfg, data, key_info, cfg.loss.gamma)}
+    epochs = cfg.train.num_epochs
+    matched_epochs = round(epochs * budget["distil"]["supervised"] / budget["standard"]["supervised"], 3)
+    plan = {"base": None, "standard": (1.0, epochs), "distil": (cfg.loss.gamma, epochs),
+            "standard_matched": (1.0, matched_epochs)}
+
+    results_dir = args.work / "arms"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for arm in args.arms:
+        result_file = results_dir / f"{arm}.json"
+        if result_file.is_file():
+            print(f"{arm}: done before ({result_file})", flush=True)
+            continue
+        t0 = time.time()
+        model = cfg.model.name_or_path
+        train_tokens = {"supervised": 0, "tokens": 0, "epochs": 0}
+        if plan[arm] is not None:
+            gamma, arm_epochs = plan[arm]
+            out = args.work / arm
+            if not (out / "hf" / "config.json").is_file():
+                run([*shlex.split(args.launcher), "launch/train.py", "--config", args.config, *common,
+                     f"loss.gamma={gamma}", f"train.num_epochs={arm_epochs}", f"train.output_dir={out}"],
+                    args.work / "logs" / f"train_{arm}.log", {**env, "OMP_NUM_THREADS": "1"})
+            per_epoch = budget["standard" if gamma == 1.0 else "distil"]
+            train_tokens = {k: round(per_epoch[k] * arm_epochs) for k in ("supervised", "tokens")}
+            train_tokens["epochs"] = arm_epochs
+            model = str(out / "hf")
+        train_s = time.time() - t0
+        eval_dir = args.work / "eval" / arm
+        run([sys.executable, "launch/evaluate.py", "--config", args.config, "--models", f"{arm}={model}", *common,
+             f"eval.output_dir={eval_dir}", f"eval.max_new_tokens={max_new}", "eval.split=test"],
+            args.work / "logs" / f"eval_{arm}.log", env)
+        means, per_report = arm_result(eval_dir, arm)
+        result = {**means, "n": len(per_report), "train_tokens": train_tokens["supervised"],
+                  "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
+                  "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1), "per_report": per_report}
+        result_file.write_text(json.dumps(result))
+        print(f"{arm}: " + ", ".join(f"{m} {means[m]:.2f}" for m in METRICS) + f" ({result['wall_s']:.0f} s)",
+              flush=True)
+
+    done = {arm: json.loads((results_dir / f"{arm}.json").read_text()) for arm in ARMS
+            if (results_dir / f"{arm}.json").is_file()}
+    report = {
+        "config": args.config, "model": cfg.model.name_or_path, "teacher": cfg.teacher.model,
+        "train_reports": json.loads((data / "subset.json").read_text()), "test_reports": len(read_jsonl(data / "test.jsonl")),
+        "eval_max_new_tokens": max_new, "eval_max_new_tokens_rule": "95th percentile of the test references' tokens + 1, up to x32",
+        "tokens_per_epoch": budget, "gamma_distil": cfg.loss.gamma, "scale": "points (0-100)",
+        "machine": f"{os.cpu_count()} CPUs" + (" + GPU" if _has_cuda() else ""), "date": time.strftime("%Y-%m-%d"),
+        "this_run_wall_s": round(time.time() - started, 1),
+        **{arm: {k: v for k, v in r.items() if k != "per_report"} for arm, r in done.items()},
+        "paired": {f"{a}_minus_{b}": paired(done[a]["per_report"], done[b]["per_report"],
+                                            cfg.eval.bootstrap_samples, cfg.eval.seed)
+                   for a, b in PAIRS if a in done and b in done},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("paired",)}, indent=1))
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
