@@ -53,8 +53,10 @@ def _processes_naming(text: str) -> list[int]:
 def _env() -> dict:
     # RAY_AUTH_MODE pinned: Ray 2.60 turns token auth on by itself when ~/.ray/auth_token exists
     # (another Ray user on the machine may have made one), and then this test's clients are refused.
+    # RAY_worker_niceness 0: Ray runs its workers (the vLLM replicas) at nice 15 by default, so any other
+    # load on the machine starves them and the tests' timeouts would measure the load, not the job.
     return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+            "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "RAY_worker_niceness": "0"}
 
 
 @pytest.fixture(scope="module")
