@@ -76,7 +76,7 @@ def run(cmd: list[str], log: Path, env: dict) -> None:
         raise SystemExit(f"error: step failed (exit {code}): {shlex.join(cmd)}\n  log: {log}")
 
 
-def prepare(args, cfg, env: dict) -> Path:
+def prepare(args, env: dict) -> Path:
     """Paper split of the sources; the first --train-reports training reports (the split is shuffled)."""
     data = args.work / "data"
     if (data / "subset.json").is_file():
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     started = time.time()
 
-    data = prepare(args, cfg, env)
+    data = prepare(args, env)
     key_info = args.work / "key_info.jsonl"
     common = [f"data.prepared_dir={data}", f"data.key_info_path={key_info}", *args.overrides]
     if any(arm in args.arms for arm in ("distil", "standard_matched")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from eval.metrics import bootstrap_ci
@@ -101,8 +102,6 @@ def speed(scores: dict[str, list[dict]], teacher_label: str, gpu_hour_price: flo
 def hardware_of(cfg) -> str | None:
     """None on a GPU run (the table counts GPUs); on CPU its description, since GPU counts and a GPU-hour
     price mean nothing there."""
-    import os
-
     import torch
 
     if torch.cuda.is_available() and cfg.device != "cpu":

