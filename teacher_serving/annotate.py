@@ -140,7 +140,8 @@ def make_pool(cfg: ExperimentConfig):
     spec = EngineSpec(model=t.model, tensor_parallel_size=t.tensor_parallel_size,
                       pipeline_parallel_size=t.pipeline_parallel_size, max_model_len=t.max_model_len, dtype=t.dtype,
                       seed=t.seed, kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager,
-                      json_mode=t.key_info_format == "json", executor_backend=plan.executor_backend)
+                      json_mode=t.key_info_format == "json", executor_backend=plan.executor_backend,
+                      cpu_threads=None if plan.on_gpu else t.cpus_per_replica)
     return ReplicaPool(spec, plan, t.max_replica_restarts)
 
 

