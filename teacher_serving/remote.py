@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 
 class RemotePool:
-    batch_size = 1  # one HTTP request per report; concurrency comes from the thread pool
 
     def __init__(self, api_base: str, model: str, api_key_env: str, max_concurrency: int, retries: int,
                  timeout_s: float):
@@ -35,11 +34,11 @@ class RemotePool:
         self.inflight: set[Future] = set()
 
     @property
-    def batch_slots(self) -> int:
+    def free_slots(self) -> int:
         return self.max_concurrency - len(self.inflight)
 
-    def submit(self, requests: list[dict]) -> Future:
-        future = self.executor.submit(lambda: [self._one(r) for r in requests])
+    def submit(self, request: dict) -> Future:
+        future = self.executor.submit(self._one, request)
         self.inflight.add(future)
         return future
 

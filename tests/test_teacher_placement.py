@@ -51,11 +51,19 @@ def test_cpu_cluster():
     assert plan_replicas([{"CPU": 5}], cpus_per_replica=2).num_replicas == 2
 
 
+def test_cpu_tensor_parallel_is_one_bundle_of_tp_times_cpus_with_vllms_local_workers():
+    plan = plan_replicas([{"CPU": 4}, {"CPU": 2}], tensor_parallel_size=2)
+    assert plan.num_replicas == 3 and plan.bundles == ({"CPU": 2.0},) and plan.strategy == "STRICT_PACK"
+    assert plan.executor_backend == "mp" and plan.actor_resources == {"num_cpus": 2.0, "num_gpus": 0}
+    assert plan_replicas([{"CPU": 8}], tensor_parallel_size=2, cpus_per_replica=2).num_replicas == 2
+
+
 @pytest.mark.parametrize("nodes, kwargs, words", [
-    ([{"CPU": 4}], {"tensor_parallel_size": 8}, "teacher.tensor_parallel_size=8"),
+    ([{"CPU": 4}], {"tensor_parallel_size": 8}, "teacher.tensor_parallel_size x teacher.cpus_per_replica = 8 x 1"),
+    ([{"CPU": 4}], {"pipeline_parallel_size": 2}, "teacher.pipeline_parallel_size=2"),
     ([{"CPU": 64, "GPU": 4}], {"tensor_parallel_size": 8}, "lower teacher.tensor_parallel_size"),
     ([{"CPU": 64, "GPU": 8}], {"tensor_parallel_size": 4, "num_replicas": 3}, "teacher.num_replicas <= 2"),
-    ([{"CPU": 1}], {"cpus_per_replica": 2}, "teacher.cpus_per_replica=2"),
+    ([{"CPU": 1}], {"cpus_per_replica": 2}, "lower teacher.cpus_per_replica"),
     ([], {}, "ray start --head"),
 ])
 def test_errors_name_the_key_and_the_fix(nodes, kwargs, words):
@@ -63,13 +71,17 @@ def test_errors_name_the_key_and_the_fix(nodes, kwargs, words):
         plan_replicas(nodes, **kwargs)
 
 
-def test_vllm_cpu_threads_bind_the_replicas_cores_and_reserve_none(monkeypatch):
+def test_vllm_cpu_threads_give_each_worker_and_replica_its_own_cores(monkeypatch):
     from distil.backend import vllm_cpu_thread_env
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3, 1, 7, 5})
+    bind = lambda *a: vllm_cpu_thread_env(*a)["VLLM_CPU_OMP_THREADS_BIND"]  # noqa: E731
     assert vllm_cpu_thread_env(2) == {"VLLM_CPU_OMP_THREADS_BIND": "1,3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    assert vllm_cpu_thread_env()["VLLM_CPU_OMP_THREADS_BIND"] == "1,3,5,7"
+    assert bind() == "1,3,5,7"
+    assert bind(None, 2) == "1,3|5,7"          # TP 2 over the whole host
+    assert bind(1, 2, 0) == "1|3" and bind(1, 2, 1) == "5|7"  # two TP-2 replicas on one host: disjoint
+    assert bind(2, 1, 2) == "1,3"              # more replicas than the host holds: cores are reused
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # what the user set wins
-    assert vllm_cpu_thread_env(2)["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert bind(2) == "0|1"

@@ -2,111 +2,40 @@
 `ray job submit` of launch/annotate.py over 20 MultiClinSum reports, SIGKILL + resume, bad rows,
 engine failure and JSON mode.
 
-The head is stopped by killing its own process group (and anything still naming its temp dir),
-never with `ray stop`, which would stop every Ray instance on the machine.
+The head comes from tests/ray_cluster.py (its own ports and temp dir, never `ray stop`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO
 from distil.config import TeacherConfig
 from distil.data import load_key_info, read_jsonl, write_jsonl
+from ray_cluster import new_cluster, ray_env
 
 BIN = Path(sys.executable).parent
 PER_LANGUAGE = 5
 
 
-@dataclass
-class Head:
-    gcs: str
-    dashboard: str
-    temp_dir: str
-
-
-def _processes_naming(text: str) -> list[int]:
-    """Processes whose command line or environment mentions `text` (our Ray head and its children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if text.encode() in (entry / "cmdline").read_bytes() or text.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            pass
-    return found
-
-
-def _env() -> dict:
-    # RAY_AUTH_MODE pinned: Ray 2.60 turns token auth on by itself when ~/.ray/auth_token exists
-    # (another Ray user on the machine may have made one), and then this test's clients are refused.
-    # RAY_worker_niceness 0: Ray runs its workers (the vLLM replicas) at nice 15 by default, so any other
-    # load on the machine starves them and the tests' timeouts would measure the load, not the job.
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "RAY_worker_niceness": "0"}
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    temp_dir = tempfile.mkdtemp(prefix="rt3_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    ports = {name: free_port() for name in ("port", "dashboard-port", "node-manager-port", "object-manager-port",
-                                            "ray-client-server-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                            "metrics-export-port")}
-    args = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-            "--num-gpus", "0", "--temp-dir", temp_dir, "--disable-usage-stats",
-            "--min-worker-port", "0", "--max-worker-port", "0"]
-    args += [a for name, port in ports.items() for a in (f"--{name}", str(port))]
+    cluster = new_cluster()
     env = pytest.MonkeyPatch()
-    env.setenv("RAY_AUTH_MODE", "disabled")  # for the clients in this process (see _env)
-    log = open(Path(temp_dir) / "head.log", "w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**_env(), "RAY_TMPDIR": temp_dir},
-                            start_new_session=True)
-    head = Head(gcs=f"127.0.0.1:{ports['port']}", dashboard=f"http://127.0.0.1:{ports['dashboard-port']}",
-                temp_dir=temp_dir)
+    env.setenv("RAY_AUTH_MODE", "disabled")  # for the clients in this process (see ray_env)
     try:
-        from ray.job_submission import JobSubmissionClient
-
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, Path(temp_dir, "head.log").read_text()[-3000:]
-            try:
-                JobSubmissionClient(head.dashboard).list_jobs()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(2)
-        yield head
+        cluster.start_head(num_cpus=2)
+        yield cluster
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in _processes_naming(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+        cluster.stop()
         env.undo()
 
 
@@ -129,7 +58,7 @@ def small_prepared(tmp_path_factory, prepared_dir):
 def write_config(path: Path, prepared: Path, model: Path, ledger: Path, **teacher) -> Path:
     section = {"model": str(model), "tensor_parallel_size": 1, "num_replicas": 1, "max_model_len": 1024,
                "dtype": "float32", "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 16,
-               "batch_size": 8, "max_attempts": 2, **teacher}
+               "max_num_seqs": 8, "max_attempts": 2, **teacher}
     path.write_text(json.dumps({"data": {"prepared_dir": str(prepared), "key_info_path": str(ledger)},
                                 "teacher": section}))
     return path
@@ -145,7 +74,7 @@ def test_ray_job_submit_annotates_every_report(ray_head, small_prepared, tiny_mo
     config = write_config(tmp_path / "c.yaml", small_prepared, tiny_model, ledger, max_model_len=512)
     out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir",
                           str(REPO), "--", "python", "launch/annotate.py", "--config", str(config), "--no-progress"],
-                         capture_output=True, text=True, timeout=540, env=_env())
+                         capture_output=True, text=True, timeout=540, env=ray_env())
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in out.stdout
     records = read_jsonl(ledger)
@@ -178,9 +107,9 @@ def test_sigkill_and_resume_leave_exactly_one_record_per_report(ray_head, prepar
     """
     ledger = tmp_path / "key_info.jsonl"
     total = len(ids_of(prepared_dir))
-    config = write_config(tmp_path / "c.yaml", prepared_dir, tiny_model, ledger, max_model_len=512, batch_size=4)
+    config = write_config(tmp_path / "c.yaml", prepared_dir, tiny_model, ledger, max_model_len=512, max_num_seqs=4)
     command = [sys.executable, str(REPO / "launch/annotate.py"), "--config", str(config), "--no-progress"]
-    env = {**_env(), "RAY_ADDRESS": ray_head.gcs}
+    env = {**ray_env(), "RAY_ADDRESS": ray_head.gcs}
     for attempt in range(3):
         before = _complete_records(ledger)
         with open(tmp_path / f"run{attempt}.log", "w") as log:
@@ -252,7 +181,7 @@ def test_cut_answers_are_retried_then_recorded_with_their_status(pool, small_pre
 
     t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=8, max_attempts=3)
     with Ledger(tmp_path / "k.jsonl") as ledger:
-        counts = run(pool, items_for(small_prepared, tiny_model, 6), t, ledger, batch_size=4)
+        counts = run(pool, items_for(small_prepared, tiny_model, 6), t, ledger)
         records = ledger.records
     assert counts == {"truncated": 6}
     assert all(r["attempts"] == 3 and r["completion_tokens"] == 8 and r["key_info"] for r in records)
@@ -267,7 +196,7 @@ def test_json_mode_every_answer_parses(pool, small_prepared, tiny_model, tmp_pat
     t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=512, key_info_format="json",
                       json_max_field_chars=16, grounding_threshold=0.5)
     with Ledger(tmp_path / "k.jsonl") as ledger:
-        counts = run(pool, items_for(small_prepared, tiny_model, 8), t, ledger, batch_size=8)
+        counts = run(pool, items_for(small_prepared, tiny_model, 8), t, ledger)
         records = ledger.records
     assert sum(counts.values()) == 8 and set(counts) <= {"ok", "ungrounded"}, counts
     for r in records:
@@ -292,8 +221,27 @@ def test_engine_failure_restarts_the_replica_and_requeues_its_rows(pool, small_p
         proc.kill()
     t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=8, max_attempts=2)
     with Ledger(tmp_path / "k.jsonl") as ledger:
-        counts = run(pool, items_for(small_prepared, tiny_model, 4), t, ledger, batch_size=2)
+        counts = run(pool, items_for(small_prepared, tiny_model, 4), t, ledger)
         ids = [r["id"] for r in ledger.records]
     assert pool.restarts == [1] and pool.alive == [True]
     assert counts == {"truncated": 4} and len(set(ids)) == len(ids) == 4
     assert ray.get(pool.actors[0].ready.remote()) != actor_pid
+
+
+@pytest.mark.timeout(600)
+def test_a_failed_request_costs_that_report_only(pool, small_prepared, tiny_model, tmp_path):
+    """A request the engine refuses (a prompt over max_model_len, as from a tokenizer that measures
+    differently) fails alone: the other reports are answered, the replica is not restarted."""
+    from teacher_serving.annotate import run
+    from teacher_serving.ledger import Ledger
+
+    items = items_for(small_prepared, tiny_model, 5)
+    items[2].messages = [{"role": "user", "content": "word " * 3000}]  # far over the engine's 1024 tokens
+    restarts = list(pool.restarts)
+    t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=8, max_attempts=2)
+    with Ledger(tmp_path / "k.jsonl") as ledger:
+        counts = run(pool, items, t, ledger)
+        ids = [r["id"] for r in ledger.records]
+    assert counts == {"truncated": 4, "failed": 1}
+    assert sorted(ids) == sorted(i.record["id"] for k, i in enumerate(items) if k != 2)
+    assert pool.restarts == restarts and all(pool.alive)
