@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,5 +152,18 @@ class RayCluster:
             log.close()
 
 
-def new_cluster() -> RayCluster:
-    return RayCluster(tempfile.mkdtemp(prefix="rt3_", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+@contextmanager
+def running_cluster(head_cpus: int):
+    """A head of `head_cpus` CPUs for the block; this process's Ray clients skip token auth (see ray_env)."""
+    cluster = RayCluster(tempfile.mkdtemp(prefix="rt3_", dir="/tmp"))  # short: Ray's socket paths stay < 108 chars
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        cluster.start_head(num_cpus=head_cpus)
+        yield cluster
+    finally:
+        cluster.stop()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 from distil.config import TeacherConfig
 from distil.data import load_key_info, read_jsonl, write_jsonl
-from ray_cluster import new_cluster, ray_env
+from ray_cluster import ray_env, running_cluster
 
 BIN = Path(sys.executable).parent
 PER_LANGUAGE = 5
@@ -28,15 +28,8 @@ PER_LANGUAGE = 5
 
 @pytest.fixture(scope="module")
 def ray_head():
-    cluster = new_cluster()
-    env = pytest.MonkeyPatch()
-    env.setenv("RAY_AUTH_MODE", "disabled")  # for the clients in this process (see ray_env)
-    try:
-        cluster.start_head(num_cpus=2)
+    with running_cluster(head_cpus=2) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        env.undo()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO
 from distil.data import read_jsonl
-from ray_cluster import new_cluster, ray_env
+from ray_cluster import ray_env, running_cluster
 
 BIN = Path(sys.executable).parent
 NEW_TOKENS = 24
@@ -28,17 +28,12 @@ NEW_TOKENS = 24
 def cluster():
     import ray
 
-    cluster = new_cluster()
-    env = pytest.MonkeyPatch()
-    env.setenv("RAY_AUTH_MODE", "disabled")
-    try:
-        cluster.start_head(num_cpus=2)
+    with running_cluster(head_cpus=2) as cluster:
         ray.init(address=cluster.gcs, log_to_driver=False)
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.stop()
-        env.undo()
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
 
 
 def spec_for(model, tp: int):
