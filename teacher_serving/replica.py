@@ -90,17 +90,17 @@ class TeacherReplica:
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        params = SamplingParams(**request["sampling"], structured_outputs=(
+        params = SamplingParams(**request["sampling"], output_kind=RequestOutputKind.FINAL_ONLY, structured_outputs=(
             StructuredOutputsParams(json=request["json_schema"]) if request.get("json_schema") else None))
         text = self.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
         prompt = TokensPrompt(prompt_token_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"])
         final = None
         try:
             async for final in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-                pass
+                pass  # FINAL_ONLY: one output, when the answer is complete
         except EngineDeadError:
             raise
         except Exception as exc:
