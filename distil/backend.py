@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,4 +64,30 @@ def vllm_cpu_thread_env(cores_per_worker: int | None = None, workers: int = 1, s
     cores = [allowed[(start + k) % len(allowed)] for k in range(workers * per_worker)]
     groups = [",".join(map(str, cores[w * per_worker:(w + 1) * per_worker])) for w in range(workers)]
     env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(groups), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    return {key: os.environ.get(key, value) for key, value in env.items()}
+    env = {key: os.environ.get(key, value) for key, value in env.items()}
+    if len(env["VLLM_CPU_OMP_THREADS_BIND"].split("|")) < workers:
+        raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={env['VLLM_CPU_OMP_THREADS_BIND']!r} (set in the environment) "
+                         f"binds fewer than the {workers} tensor-parallel workers: give one core list per worker, "
+                         "separated by '|' (e.g. '0-3|4-7'), or unset it to let the job choose")
+    return env
+
+
+@contextmanager
+def scoped_environ(env: dict[str, str | None]):
+    """`env` set (None: unset) while an engine starts, since its processes inherit it; the caller's
+    environment back after: a binding left in os.environ would pass for the user's own to every
+    engine started later."""
+    saved = {key: os.environ.get(key) for key in env}
+
+    def apply(values: dict[str, str | None]) -> None:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    apply(env)
+    try:
+        yield
+    finally:
+        apply(saved)

