@@ -10,7 +10,7 @@ side), one try per report, the same cores:
   raw      one vLLM `LLM.chat` call over all prompts in this process (same engine arguments and cores)
   hf       transformers `generate`, left-padded batches of --hf-batch (the local path of
            nicolay-r/distil-tuning-llm)
-Engine start and model loading are outside every timing. Writes
+Engine start, model loading and engine shutdown are outside every timing. Writes
 {"ratio_vs_hf_generate", "ratio_vs_raw_vllm", "reports_per_s", ...}.
 """
 
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--hf-batch", type=int, default=8)
+    parser.add_argument("--compare-binding", action="store_true",
+                        help="also time raw vLLM with its own core binding (VLLM_CPU_OMP_THREADS_BIND=auto)")
     parser.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)),
                         help="cores for each side: the job's one replica (teacher.cpus_per_replica), raw vLLM's "
                              "worker and HF's torch threads (default: all of this machine's)")
@@ -81,20 +83,30 @@ def main() -> None:
     conversations = [i.messages for i in items]
     n = len(conversations)
 
-    # raw vLLM, same engine settings and cores as a replica
+    # raw vLLM, same engine settings and cores as a replica (and, with --compare-binding, vLLM's own binding)
     from vllm import LLM, SamplingParams
 
-    from distil.backend import vllm_cpu_thread_env
+    from distil.backend import scoped_environ, vllm_cpu_thread_env
 
-    os.environ.update(vllm_cpu_thread_env(args.cpus))
-    llm = LLM(model=model, max_model_len=t.max_model_len, dtype=t.dtype, seed=t.seed, enforce_eager=t.enforce_eager,
-              kv_cache_memory_bytes=int(t.kv_cache_gib * 2**30), disable_log_stats=True, max_num_seqs=t.max_num_seqs)
-    start = time.perf_counter()
-    outs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=t.max_new_tokens), use_tqdm=False)
-    raw_s = time.perf_counter() - start
-    raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    def raw_vllm(binding: dict) -> tuple[float, int]:
+        with scoped_environ(binding):
+            llm = LLM(model=model, max_model_len=t.max_model_len, dtype=t.dtype, seed=t.seed,
+                      enforce_eager=t.enforce_eager, kv_cache_memory_bytes=int(t.kv_cache_gib * 2**30),
+                      disable_log_stats=True, max_num_seqs=t.max_num_seqs)
+        start = time.perf_counter()
+        outs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=t.max_new_tokens), use_tqdm=False)
+        seconds = time.perf_counter() - start
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        return seconds, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    raw_s, raw_tokens = raw_vllm(vllm_cpu_thread_env(args.cpus))
+    binding = None
+    if args.compare_binding:  # vLLM's default: VLLM_CPU_OMP_THREADS_BIND=auto, one core kept for its scheduler
+        auto_s, auto_tokens = raw_vllm({"VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_CPU_NUM_OF_RESERVED_CPU": None})
+        binding = {"tokens_per_s_project_binding": round(raw_tokens / raw_s, 1),
+                   "tokens_per_s_vllm_default": round(auto_tokens / auto_s, 1),
+                   "speedup": round((raw_tokens / raw_s) / (auto_tokens / auto_s), 2)}
 
     # the annotation job (local Ray, one replica); its timing starts once the replica is up
     import ray
@@ -131,6 +143,7 @@ def main() -> None:
         "hf_generate_reports_per_s": round(n / hf_s, 3),
         "completion_tokens": {"job": round(summary["this_run"]["completion_tokens_per_s"] * job_s),
                               "raw_vllm": raw_tokens},
+        **({"raw_vllm_core_binding": binding} if binding else {}),
         "reports": n, "max_new_tokens": t.max_new_tokens, "hf_batch": args.hf_batch, "cpus": args.cpus,
         "seconds": {"job": round(job_s, 3), "raw_vllm": round(raw_s, 3), "hf_generate": round(hf_s, 3)},
         "model": "tiny random Qwen2 (hidden 128, 2 layers, head_dim 64)" if args.model is None else model,

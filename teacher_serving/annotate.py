@@ -239,10 +239,12 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
                 if pool is not None:
                     counts += run(pool, items, t, ledger, progress)
             finally:
+                seconds = time.perf_counter() - started  # first request to last answer written: no engine start or stop
                 bar.close()
                 if pool is not None:
                     pool.close()
-        seconds = time.perf_counter() - started
+        else:
+            seconds = time.perf_counter() - started
         done = sum(n for s, n in counts.items() if s != "failed")
         summary = summarize(ledger, t)
         summary["this_run"] = {"annotated": done, "failed": counts.get("failed", 0), "seconds": round(seconds, 3),
