@@ -16,9 +16,11 @@ references' token lengths (+1 for the end-of-turn token), rounded up to 32. The 
 cannot set it: they are cropped (data.crop_summary_chars), the test references are not. Scores are in points (0-100); `paired.X_minus_Y` is
 the mean per-report difference with a 95% bootstrap interval over the same reports.
 
-Resumable: every step writes under --work and is skipped when done (prepared data, the
-annotation ledger, each arm's training checkpoints and predictions, each arm's result file).
-A run stopped partway continues where it stopped.
+Resumable: every step writes under --work and is skipped when done (prepared data, each arm's
+training checkpoints and predictions). What a later rerun needs to pair the arms lives in --keep
+(committed under bench/results/quality/, so a fresh clone resumes too): the teacher's key-info
+ledger and each finished arm's result with its per-report scores. A run stopped partway
+continues where it stopped; a rerun with other settings is refused.
 """
 
 from __future__ import annotations
@@ -116,11 +118,22 @@ def arm_result(eval_dir: Path, arm: str) -> tuple[dict, dict]:
     return means, per_report
 
 
+def check_settings(path: Path, settings: dict) -> None:
+    """The arms kept in --keep are only comparable with arms of the same data, config and overrides."""
+    if path.is_file() and json.loads(path.read_text()) != settings:
+        raise SystemExit(f"error: {path} was written by a run with other settings ({path.read_text().strip()}; "
+                         f"now {json.dumps(settings)}): pass another --keep, or delete that folder to start over")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="launch/configs/smollm2_to_smollm2_quality_cpu.yaml")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    parser.add_argument("--keep", type=Path, default=REPO / "bench" / "results" / "quality",
+                        help="the key-info ledger and the finished arms' results (small; kept across clones)")
     parser.add_argument("--launcher", default=f"{Path(sys.executable).parent / 'deepspeed'} --num_gpus 2",
                         help="how Stage 2 is started (on a GPU node: deepspeed)")
     parser.add_argument("--train-reports", type=int, default=160, help="first N of the train split; 0 = all")
@@ -128,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
     args = parser.parse_args(argv)
-    args.work = args.work.resolve()
+    args.work, args.keep = args.work.resolve(), args.keep.resolve()
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cfg = load_config(args.config, args.overrides)
     started = time.time()
 
     data = prepare(args, env)
-    key_info = args.work / "key_info.jsonl"
+    settings = {"config": str(args.config), "train_reports": json.loads((data / "subset.json").read_text()),
+                "test_reports": len(read_jsonl(data / "test.jsonl")), "overrides": args.overrides}
+    check_settings(args.keep / "settings.json", settings)
+    key_info = args.keep / "key_info.jsonl"
     common = [f"data.prepared_dir={data}", f"data.key_info_path={key_info}", *args.overrides]
     if any(arm in args.arms for arm in ("distil", "standard_matched")):
         run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
@@ -150,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = {"base": None, "standard": (1.0, epochs), "distil": (cfg.loss.gamma, epochs),
             "standard_matched": (1.0, matched_epochs)}
 
-    results_dir = args.work / "arms"
+    results_dir = args.keep
     results_dir.mkdir(parents=True, exist_ok=True)
     for arm in args.arms:
         result_file = results_dir / f"{arm}.json"

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from conftest import REPO
 from distil.config import EvalConfig
 from distil.data import DataError
 from eval.report import aggregate, markdown_table, speed, speed_markdown, write_report
@@ -148,3 +149,18 @@ def test_showcase_puts_one_report_beside_every_summary(tmp_path):
     assert "> Line one.\n> Line two." in text and "**Summary by student**\n\n> (none)" in text
     with pytest.raises(DataError, match="eval.showcase_id 'zz' is not in the evaluated split"):
         showcase(records, {}, "zz", None)
+
+
+def test_a_showcase_id_outside_the_split_is_refused_before_any_generation(tmp_path):
+    """Checked up front: found after generation it would throw away every model's predictions run."""
+    from distil.config import load_config
+    from distil.data import write_jsonl
+    from eval.evaluate import evaluate
+
+    write_jsonl(tmp_path / "data" / "test.jsonl", [{"id": "a", "lang": "en", "report": "R.", "summary": "S."}])
+    cfg = load_config(REPO / "launch" / "configs" / "tiny_cpu.yaml",
+                      [f"data.prepared_dir={tmp_path / 'data'}", f"eval.output_dir={tmp_path / 'eval'}",
+                       "eval.split=test", "eval.showcase_id=zz"])
+    with pytest.raises(DataError, match=r"eval.showcase_id 'zz' is not in the evaluated split; pick an id of that split \(e.g. 'a'\)"):
+        evaluate(cfg, {"base": str(tmp_path / "no_model_needed")})
+    assert not (tmp_path / "eval" / "predictions").exists()

@@ -38,8 +38,8 @@ def tiny_experiment(path, tiny_model):
 def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
     config = tiny_experiment(tmp_path / "quality.yaml", tiny_model)
     command = [sys.executable, str(REPO / "bench" / "quality.py"), "--config", str(config), "--work",
-               str(tmp_path / "work"), "--out", str(tmp_path / "quality.json"), "--train-reports", "8",
-               "--test-reports", "4"]
+               str(tmp_path / "work"), "--out", str(tmp_path / "quality.json"), "--keep", str(tmp_path / "keep"),
+               "--train-reports", "8", "--test-reports", "4"]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((tmp_path / "quality.json").read_text())
@@ -58,3 +58,11 @@ def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("done before") == 4
     assert json.loads((tmp_path / "quality.json").read_text())["paired"] == result["paired"]
+    # a fresh clone has no --work: the kept arms and ledger alone let the rerun pair the arms again
+    subprocess.run(["rm", "-rf", str(tmp_path / "work" / "standard"), str(tmp_path / "work" / "distil"),
+                    str(tmp_path / "work" / "standard_matched"), str(tmp_path / "work" / "eval")], check=True)
+    fresh = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 4, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert json.loads((tmp_path / "quality.json").read_text())["paired"] == result["paired"]
+    other = subprocess.run([*command, "train.learning_rate=1e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "other settings" in other.stdout + other.stderr
