@@ -159,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     max_new = covering_tokens(tokenizer, [r["summary"] for r in read_jsonl(data / "test.jsonl")])
-    budget = {"standard": token_budget(cfg, data, key_info, 1.0),
-              "distil": token_budget(cfg, data, key_info, cfg.loss.gamma)}
-    epochs = cfg.train.num_epochs
-    matched_epochs = round(epochs * budget["distil"]["supervised"] / budget["standard"]["supervised"], 3)
+    budget = {"standard": token_budget(cfg, data, key_info, 1.0)}
+    epochs, matched_epochs = cfg.train.num_epochs, None
+    if key_info.is_file():  # written by Stage 1 above; absent when only base / standard are asked for
+        budget["distil"] = token_budget(cfg, data, key_info, cfg.loss.gamma)
+        matched_epochs = round(epochs * budget["distil"]["supervised"] / budget["standard"]["supervised"], 3)
     plan = {"base": None, "standard": (1.0, epochs), "distil": (cfg.loss.gamma, epochs),
             "standard_matched": (1.0, matched_epochs)}
 
