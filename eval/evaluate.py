@@ -22,7 +22,7 @@ from eval.bertscore import BertScore
 from eval.generate import generate_predictions, read_predictions
 from eval.report import write_report
 from eval.scoring import score_predictions
-from eval.showcase import showcase, write_showcase
+from eval.showcase import showcase, showcase_record, write_showcase
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,8 @@ def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
     records = read_jsonl(Path(cfg.data.prepared_dir) / f"{e.split}.jsonl")
     if not records:
         raise DataError(f"{cfg.data.prepared_dir}/{e.split}.jsonl has no records to evaluate")
-    if e.showcase_id and not any(r["id"] == e.showcase_id for r in records):  # before any generation
-        raise DataError(f"eval.showcase_id {e.showcase_id!r} is not in the evaluated split; pick an id of "
-                        f"that split (e.g. {records[0]['id']!r}) or set it to null (eval.showcase_id=null)")
+    if e.showcase_id:
+        showcase_record(records, e.showcase_id)  # before any generation
     bertscore = BertScore(e)
     scores, counts = {}, {}
     for label, path in models.items():

@@ -13,13 +13,19 @@ from pathlib import Path
 from distil.data import DataError, load_key_info
 
 
-def showcase(records: list[dict], predictions: dict[str, dict[str, dict]], record_id: str,
-             key_info_path: str | None) -> dict:
-    """{id, lang, report, gold_summary, teacher_key_info, summaries: {label: text}} for one report."""
+def showcase_record(records: list[dict], record_id: str) -> dict:
+    """The record of `record_id`; evaluate calls it before generating, so a wrong id costs no run."""
     record = next((r for r in records if r["id"] == record_id), None)
     if record is None:
         raise DataError(f"eval.showcase_id {record_id!r} is not in the evaluated split; pick an id of "
                         f"that split (e.g. {records[0]['id']!r}) or set it to null")
+    return record
+
+
+def showcase(records: list[dict], predictions: dict[str, dict[str, dict]], record_id: str,
+             key_info_path: str | None) -> dict:
+    """{id, lang, report, gold_summary, teacher_key_info, summaries: {label: text}} for one report."""
+    record = showcase_record(records, record_id)
     key_info = load_key_info(key_info_path).get(record_id) if key_info_path and Path(key_info_path).exists() else None
     return {"id": record_id, "lang": record["lang"], "report": record["report"], "gold_summary": record["summary"],
             "teacher_key_info": key_info,

@@ -210,8 +210,7 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
         log.info("%d reports in %s, %d already in %s, %d to annotate", total, t.splits, total - len(pending),
                  ledger.path, len(pending))
         counts: Counter = Counter()
-        started = time.perf_counter()
-        tokens = 0
+        tokens, seconds = 0, 0.0
         if pending:
             tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model)
             items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens)
@@ -238,13 +237,11 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
             try:
                 if pool is not None:
                     counts += run(pool, items, t, ledger, progress)
+                seconds = time.perf_counter() - started  # first request to last answer: no engine start or stop
             finally:
-                seconds = time.perf_counter() - started  # first request to last answer written: no engine start or stop
                 bar.close()
                 if pool is not None:
                     pool.close()
-        else:
-            seconds = time.perf_counter() - started
         done = sum(n for s, n in counts.items() if s != "failed")
         summary = summarize(ledger, t)
         summary["this_run"] = {"annotated": done, "failed": counts.get("failed", 0), "seconds": round(seconds, 3),
