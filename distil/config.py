@@ -123,11 +123,15 @@ class TrainConfig:
     report_to: list[str] = _help("Trainer loggers.", factory=lambda: ["tensorboard"])
     trace_data: bool = _help("Write the example ids each rank trains on to output_dir/data_trace/ (tests).", False)
     dataloader_workers: int = _help("DataLoader worker processes per rank.", 0)
+    collective_timeout_s: int = _help(
+        "Seconds a rank waits in a collective (all-reduce, barrier) for its peers before it fails: a node that "
+        "died without closing its connections ends the job after this, instead of a hang. Leave room for the "
+        "longest checkpoint save or export (other ranks wait for rank 0).", 1800)
 
     def __post_init__(self) -> None:
         p: list[str] = []
         for key in ("max_length", "pack_length", "micro_batch_rows", "gradient_accumulation_steps",
-                    "logging_steps", "save_steps"):
+                    "logging_steps", "save_steps", "collective_timeout_s"):
             _require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         _require(p, self.pack_length >= self.max_length, "pack_length",
                  f"must be >= max_length ({self.max_length}) so every example fits in a row, got {self.pack_length}")

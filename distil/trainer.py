@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -98,7 +100,8 @@ class DistilTrainer(Trainer):
         if self.trace_dir is not None:
             self.trace_dir.mkdir(parents=True, exist_ok=True)
             with open(self.trace_dir / f"rank{self.args.process_index}.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.state.global_step, "examples": inputs["example_ids"]}) + "\n")
+                f.write(json.dumps({"step": self.state.global_step, "host": socket.gethostname(),
+                                    "examples": inputs["example_ids"]}) + "\n")
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Add L_sum, L_ext and tokens/s (all ranks) to each training log line."""
@@ -156,6 +159,19 @@ class ParamFingerprintCallback(TrainerCallback):
         (self.trace_dir / f"params_rank{args.process_index}.json").write_text(json.dumps(prints))
 
 
+def collective_timeout(seconds: int) -> timedelta:
+    """Make every process group of this run give up on a silent peer after `seconds`. DeepSpeed passes its
+    timeout to the world group only; the ZeRO data-parallel groups come from torch's new_group(), which
+    falls back to torch's module-level default (30 min for gloo) and has no setting for it, so set it."""
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:
+        c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
 def training_arguments(cfg: ExperimentConfig, on_cpu: bool) -> TrainingArguments:
     t = cfg.train
     return TrainingArguments(
@@ -168,6 +184,8 @@ def training_arguments(cfg: ExperimentConfig, on_cpu: bool) -> TrainingArguments
         save_total_limit=t.save_total_limit, report_to=t.report_to,
         gradient_checkpointing=cfg.model.gradient_checkpointing, remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers, ddp_backend="gloo" if on_cpu else None,
+        ddp_timeout=t.collective_timeout_s,
+        log_on_each_node=False,  # logs, progress and reports from global rank 0 only, not each node's first rank
     )
 
 
@@ -180,7 +198,8 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     import deepspeed
 
     backend = choose_backend(cfg.model.attn_implementation)
-    deepspeed.init_distributed(dist_backend=backend.dist_backend)  # before from_pretrained: ZeRO-3 needs the world
+    timeout = collective_timeout(cfg.train.collective_timeout_s)
+    deepspeed.init_distributed(dist_backend=backend.dist_backend, timeout=timeout)  # before from_pretrained (ZeRO-3)
     args = training_arguments(cfg, backend.on_cpu)
     if backend.on_cpu:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -156,7 +156,8 @@ class ReplicaPool:
                                "teacher.num_replicas")
         self.nodes = [placement_group_table(pg)["bundles_to_node_id"][0] for pg in self.groups]
         address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        self.slots = cpu_slots([address.get(node, node) for node in self.nodes])  # per host, not per Ray node
+        self.hosts = [address.get(node, node) for node in self.nodes]
+        self.slots = cpu_slots(self.hosts)  # per host, not per Ray node
         self.actors = [self._start(i) for i in range(plan.num_replicas)]
         self.restarts = [0] * plan.num_replicas  # also the actor's generation
         self.alive = [True] * plan.num_replicas
@@ -168,7 +169,8 @@ class ReplicaPool:
                 self.close()
                 raise RuntimeError(f"teacher replica {i} could not start vLLM for teacher.model={spec.model!r}: "
                                    f"{exc}; check teacher.model, teacher.max_model_len and teacher.kv_cache_gib") from None
-            log.info("replica %d ready on node %s (pid %d, slot %d)", i, self.nodes[i][:12], pid, self.slots[i])
+            log.info("replica %d ready on node %s at %s (pid %d, slot %d)", i, self.nodes[i][:12], self.hosts[i], pid,
+                     self.slots[i])
 
     def _start(self, i: int):
         import ray

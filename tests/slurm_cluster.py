@@ -286,3 +286,157 @@ def processes_mentioning(text: str) -> list[str]:
         if text.encode() in cmdline + environ and int(proc.name) != os.getpid():
             found.append(proc.name + ": " + cmdline.replace(bytes(1), b" ").decode(errors="replace")[:200])
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Two SLURM nodes on this machine (../shared/DESIGN.md, "Two SLURM nodes on one machine").
+
+
+def _sh(*cmd: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+class TwoNodeSlurmCluster(SlurmCluster):
+    """Nodes n1 and n2, each a slurmd in its own network, UTS and mount namespace, joined by veth pairs to
+    a bridge this class creates: each node has its own hostname, address and port space (two ranks can
+    both listen on one port, as on two machines), and traffic stays on the bridge (no route out). The
+    filesystem is shared, like a cluster's shared filesystem; /etc/hosts is the cluster's (bind-mounted
+    per node). slurmctld runs in a third namespace, munged in this one (its socket is a file).
+
+    `node_command(name, cmd)` runs a command on a node without SLURM (the plain-hostfile path)."""
+
+    NODES = ("n1", "n2")
+
+    def __init__(self, cpus_per_node: int = 2):
+        super().__init__()
+        self.cpus = cpus_per_node
+        tag = f"d{os.getpid() % 100000}"  # names of this cluster's links and namespaces (<= 15 chars)
+        self.bridge, self.netns = f"{tag}br", [f"{tag}n{i}" for i in range(3)]  # 0: slurmctld, 1, 2: nodes
+        used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+        free = [n for n in range(200, 250) if f" 10.{n}.0." not in used]
+        if not free:
+            raise RuntimeError("no free 10.2xx.0.0/24 subnet for the test cluster's bridge")
+        self.subnet = f"10.{random.choice(free)}.0"
+        self.ctld_addr = f"{self.subnet}.2"
+        self.addr = {name: f"{self.subnet}.{11 + i}" for i, name in enumerate(self.NODES)}
+        self.hosts_file = self.root / "hosts"
+        self._daemons: dict[str, subprocess.Popen] = {}
+
+    def start(self, timeout: float = 60) -> TwoNodeSlurmCluster:
+        self._start_munge()
+        for folder in ("state", "log", *(f"spool/{n}" for n in self.NODES)):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        self.hosts_file.write_text(f"127.0.0.1 localhost\n{self.subnet}.1 {self.host}-bridge\n"
+                                   + "".join(f"{a} {n}\n" for n, a in self.addr.items()))
+        self._network_up()
+        self.conf.write_text(self._slurm_conf())
+        log = open(self.root / "log" / "daemons.out", "ab")
+        self._daemons["slurmctld"] = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns[0]}", "slurmctld", "-D", "-f", str(self.conf)],
+            env=self.env, stdout=log, stderr=log)
+        for i, name in enumerate(self.NODES, start=1):
+            script = f"hostname {name} && mount --bind {self.hosts_file} /etc/hosts && exec slurmd -D -f {self.conf} -N {name}"
+            self._daemons[name] = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.netns[i]}", "unshare", "--uts", "--mount", "--propagation",
+                 "slave", "sh", "-c", script], env=self.env, stdout=log, stderr=log)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
+            states = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+            if states == {n: "idle" for n in self.NODES}:
+                return self
+            dead = [n for n, p in self._daemons.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead} exited at start:\n{self.logs()}")
+            time.sleep(0.3)
+        raise RuntimeError(f"the two SLURM nodes did not come up in {timeout:.0f} s:\n{self.logs()}")
+
+    def _network_up(self) -> None:
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        _sh("ip", "link", "set", self.bridge, "up")
+        addrs = [self.ctld_addr, *self.addr.values()]
+        for i, (ns, addr) in enumerate(zip(self.netns, addrs)):
+            veth = f"{self.bridge[:-2]}v{i}"
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _sh("ip", "link", "set", veth, "master", self.bridge, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def stop(self) -> None:
+        if self._daemons.get("slurmctld") and self._daemons["slurmctld"].poll() is None:
+            self.run(["scancel", "--partition=debug"], timeout=30)
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                squeue = self.run(["squeue", "-h", "-o", "%i %T"], timeout=30)
+                if squeue.returncode != 0 or not squeue.stdout.strip():
+                    break
+                time.sleep(1)
+        # a job step's slurmstepd outlives its slurmd: stop every process left on the nodes (not slurmctld's
+        # own helper, slurmscriptd: slurmctld would wait for it)
+        for ns in self.netns[1:]:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in map(int, pids):
+                if pid not in {p.pid for p in self._daemons.values()}:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        for proc in self._daemons.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._daemons.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for ns in self.netns:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        munged = _pid(self.munge_dir / "munged.pid")
+        if _alive(munged):
+            os.kill(munged, signal.SIGTERM)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def node_pids(self, name: str) -> list[int]:
+        ns = self.netns[1 + self.NODES.index(name)]
+        return [int(p) for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
+
+    def leftovers(self, wait: float = 15) -> list[str]:
+        """Processes still running on the nodes besides slurmd (what a finished job left behind)."""
+        deadline = time.time() + wait
+        while True:
+            found = []
+            for name in self.NODES:
+                for pid in self.node_pids(name):
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        continue
+                    if pid != self._daemons[name].pid:
+                        found.append(f"{name} {pid}: {cmd[:200]}")
+            if not found or time.time() > deadline:
+                return found
+            time.sleep(0.5)
+
+    def node_command(self, name: str, cmd: list[str], cwd: Path, **popen) -> subprocess.Popen:
+        """`cmd` in folder `cwd` on node `name` (its network, hostname and /etc/hosts), outside SLURM."""
+        pid = str(self._daemons[name].pid)
+        return subprocess.Popen(["nsenter", "-t", pid, "--net", "--uts", "--mount", f"--wd={cwd}", "--", *cmd], **popen)
+
+    def _slurm_conf(self) -> str:
+        conf = super()._slurm_conf()
+        r = self.root
+        conf = conf.replace(f"SlurmctldHost={self.host}\n", f"SlurmctldHost={self.host}({self.ctld_addr})\n")
+        conf = conf.replace(f"SlurmdSpoolDir={r / 'spool'}\n", f"SlurmdSpoolDir={r / 'spool'}/%n\n")
+        conf = conf.replace(f"SlurmdPidFile={self._pidfiles['slurmd']}\n", f"SlurmdPidFile={r}/slurmd.%n.pid\n")
+        conf = conf.replace(f"SlurmdLogFile={r / 'log' / 'slurmd.log'}\n", f"SlurmdLogFile={r}/log/slurmd.%n.log\n")
+        head, _, _ = conf.partition("NodeName=")
+        nodes = "".join(f"NodeName={n} NodeHostname={n} NodeAddr={a} CPUs={self.cpus} State=UNKNOWN\n"
+                        for n, a in self.addr.items())
+        return head + nodes + f"PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP\n"
