@@ -4,8 +4,10 @@
     python bench/train_throughput.py --model .cache/SmolLM2-135M-Instruct --pack-length 2048 \
         --out bench/results/train_throughput_smollm2.json
 
-Same model, same real MultiClinSum reports (2560/512-character crop), same attention kernel
-(sdpa), same AdamW, one process, fp32 on CPU:
+Same model, same real MultiClinSum reports (2560/512-character crop), same AdamW, one process,
+fp32 on CPU; each side with its attention kernel (sdpa for the reference's padded batches, the
+trainer's own choice for ours: on CPU sdpa per packed example, distil/varlen_attention.py;
+--attention sdpa gives ours the masked-row sdpa instead):
 
   reference  the method of nicolay-r/distil-tuning-llm: every example padded to max_length
              (3078 tokens), one forward per task per step, loss over the whole sequence (its
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from distil.backend import choose_backend
 from distil.data import crop, load_sources
 from distil.loss import task_token_counts
 from distil.packing import collate_packed, pack_best_fit
@@ -155,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack-length", type=int, default=4096)
     parser.add_argument("--tokenizer-vocab", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attention", default="auto", help="ours: model.attn_implementation (auto = the trainer's)")
     args = parser.parse_args(argv)
+    attention = choose_backend(args.attention).attn_implementation
 
     torch.set_num_threads(args.threads)
     shared = REPO.parent / "shared" / "data" / "multiclinsum_gs_train_en"
@@ -181,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
     params = sum(p.numel() for p in model.parameters())
     peak = matmul_peak_flops()
+    model.set_attn_implementation(attention)
     run_ours(model, pairs[:4], args.pack_length)  # warm-up
     ours = run_ours(model, pairs[:args.reports_ours], args.pack_length)
+    model.set_attn_implementation("sdpa")
     reference = run_reference(model, tokenizer, pairs[:args.reports_reference], args.max_length)
 
     ours_per_report = ours["seconds"] / ours["reports"]
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "setup": {
             "model": args.model or "tiny Qwen2 (random)", "model_params": params, "vocab": model.config.vocab_size,
-            **({} if args.model else SHAPE), "attention": "sdpa (both)", "dtype": "fp32",
+            **({} if args.model else SHAPE), "attention": {"ours": attention, "reference": "sdpa"}, "dtype": "fp32",
             "tokenizer_vocab": len(tokenizer), "tokens_per_char": round(toks / chars, 3),
             "matmul_peak": "best of square fp32 products n = 1024, 2048, 3072, 4096",
             "reports_ours": ours["reports"], "reports_reference": reference["reports"], "rows_ours": ours["rows"],

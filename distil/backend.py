@@ -1,7 +1,7 @@
 """The one place that chooses between the GPU path and its CPU twin.
 
 GPU: NCCL, FlashAttention-2 (varlen, when flash-attn is installed), bf16.
-CPU: gloo, sdpa (same per-example isolation through position_ids), fp32.
+CPU: gloo, sdpa per packed example (distil/varlen_attention.py: the varlen twin), fp32.
 """
 
 from __future__ import annotations
@@ -32,13 +32,19 @@ def choose_backend(attn_implementation: str = "auto") -> Backend:
     """Pick device, collective backend and attention kernel from what is installed; logged once."""
     on_gpu = torch.cuda.is_available()
     has_flash = importlib.util.find_spec("flash_attn") is not None
-    if attn_implementation == "auto":
-        attn_implementation = "flash_attention_2" if on_gpu and has_flash else "sdpa"
+    if attn_implementation == "auto" and on_gpu:
+        attn_implementation = "flash_attention_2" if has_flash else "sdpa"
+    elif attn_implementation == "auto":
+        attn_implementation = "sdpa_varlen"
     elif attn_implementation == "flash_attention_2" and not (on_gpu and has_flash):
         raise RuntimeError(
             "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
             f"(cuda available: {on_gpu}, flash-attn installed: {has_flash}); use 'auto' or 'sdpa'"
         )
+    if attn_implementation == "sdpa_varlen":
+        from distil.varlen_attention import register
+
+        register()
     backend = Backend(device="cuda" if on_gpu else "cpu", dist_backend="nccl" if on_gpu else "gloo",
                       attn_implementation=attn_implementation)
     log.info("backend: %s", backend)

@@ -74,8 +74,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = _help("Student: a Hugging Face model folder or hub name.", "runs/tiny-model")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _help(
-        "auto = flash_attention_2 on GPU when flash-attn is installed, else sdpa.", "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = _help(
+        "auto = flash_attention_2 on GPU when flash-attn is installed, else sdpa (on CPU: sdpa_varlen, sdpa per packed "
+        "example instead of one masked product per row).", "auto"
     )
     gradient_checkpointing: bool = _help("Recompute activations in backward to fit long contexts.", False)
     tiny: dict[str, int] | None = _help(

@@ -53,8 +53,10 @@ class GenerationEvalCallback(TrainerCallback):
             budget = model.config.max_position_embeddings - self.cfg.callback_max_new_tokens
             budget = min(budget, self.cfg.max_model_len - self.cfg.callback_max_new_tokens)
             self._prompts = [prompt_ids(tokenizer, r, "summarize", budget)[0] for r in self.records]
-        was_training = model.training
+        was_training, attention = model.training, model.config._attn_implementation
         model.eval()
+        if attention == "sdpa_varlen":  # packed training rows only; generation batches and caches need sdpa
+            model.set_attn_implementation("sdpa")
         try:
             engine = HfEngine(model, tokenizer)
             predictions = {}
@@ -67,6 +69,8 @@ class GenerationEvalCallback(TrainerCallback):
                     predictions[record["id"]] = {"id": record["id"], "lang": record["lang"], "prediction": text}
         finally:
             model.train(was_training)
+            if attention == "sdpa_varlen":
+                model.set_attn_implementation(attention)
         rows, counts = score_predictions(self.records, predictions, self.cfg.rouge_tokenizer, self.bertscore)
         metrics = {f"gen_{m}": round(sum(r[m] for r in rows) / len(rows), 6) for m in METRICS}
         metrics["gen_empty"] = counts["empty"]

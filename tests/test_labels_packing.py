@@ -76,10 +76,14 @@ def test_collate_restarts_positions_and_shifts_per_example():
     assert batch["example_ids"] == ["summarize:a", "extract:b"]
 
 
-def test_packed_logits_equal_each_example_alone(tiny_model, tokenizer, sample_records):
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen"])
+def test_packed_logits_equal_each_example_alone(tiny_model, tokenizer, sample_records, attention):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    from distil.varlen_attention import register
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention).eval()
     examples = [encode_example(tokenizer, _example(r, task), 400)
                 for r, task in zip(sample_records[40:43], ("summarize", "extract", "summarize"))]
     batch = collate_packed([examples])
@@ -92,3 +96,49 @@ def test_packed_logits_equal_each_example_alone(tiny_model, tokenizer, sample_re
             diff = (packed[start:start + len(ex["input_ids"])] - alone).abs().max().item()
             assert diff < 1e-4, f"example {ex['id']}: packed vs alone differ by {diff}"
             start += len(ex["input_ids"])
+
+
+def test_example_spans_start_where_positions_restart():
+    from distil.varlen_attention import example_spans
+
+    assert example_spans(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [(0, 3), (3, 5), (5, 9)]
+    assert example_spans(torch.tensor([[0, 1, 2, 3]])) == [(0, 4)]
+    assert example_spans(torch.tensor([[0, 0, 0]])) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match=r"one packed row"):
+        example_spans(torch.tensor([[0, 1], [0, 1]]))
+
+
+def test_varlen_attention_gives_the_masked_sdpa_loss_and_gradients(tiny_model, tokenizer, sample_records):
+    """Per-example sdpa on a packed row = one sdpa over the row with the block mask, forward and backward."""
+    from transformers import AutoModelForCausalLM
+
+    from distil.varlen_attention import register
+
+    register()
+    examples = [encode_example(tokenizer, _example(r, task), 300)
+                for r, task in zip(sample_records[10:14], ("summarize", "extract", "extract", "summarize"))]
+    batch = collate_packed([examples])
+    results = {}
+    for attention in ("sdpa", "sdpa_varlen"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        target = batch["target_ids"][0]
+        loss = torch.nn.functional.cross_entropy(logits[0], target, ignore_index=IGNORE)
+        loss.backward()
+        results[attention] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_a, grads_a), (loss_b, grads_b) = results["sdpa"], results["sdpa_varlen"]
+    assert abs(loss_a - loss_b) < 1e-6
+    assert max((grads_a[n] - grads_b[n]).abs().max().item() for n in grads_a) < 1e-5
+
+
+def test_varlen_attention_refuses_generation_batches(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from distil.varlen_attention import register
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa_varlen")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(ValueError, match="use attn_implementation='sdpa'"):
+        model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), use_cache=False)
