@@ -100,13 +100,7 @@ class SlurmCluster:
         """Cancel what still runs, stop slurmd, slurmctld and munged (SIGTERM by pid file, SIGKILL after
         20 s) and remove the folder. A running job's slurmstepd outlives slurmd, so jobs go first."""
         if _alive(_pid(self._pidfiles["slurmctld"])):
-            self.run(["scancel", "--partition=debug"], timeout=30)
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                squeue = self.run(["squeue", "-h", "-o", "%i %T"], timeout=30)
-                if squeue.returncode != 0 or not squeue.stdout.strip():
-                    break
-                time.sleep(1)
+            self.cancel_all()
         pids = [_pid(f) for f in self._pidfiles.values()] + [_pid(self.munge_dir / "munged.pid")]
         for pid in pids:
             if _alive(pid):
@@ -118,6 +112,16 @@ class SlurmCluster:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def cancel_all(self, timeout: float = 60) -> None:
+        """scancel every job and wait until squeue lists none (or `timeout`)."""
+        self.run(["scancel", "--partition=debug"], timeout=30)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            squeue = self.run(["squeue", "-h", "-o", "%i %T"], timeout=30)
+            if squeue.returncode != 0 or not squeue.stdout.strip():
+                break
+            time.sleep(1)
 
     def __enter__(self) -> SlurmCluster:
         return self.start()
@@ -369,13 +373,7 @@ class TwoNodeSlurmCluster(SlurmCluster):
 
     def stop(self) -> None:
         if self._daemons.get("slurmctld") and self._daemons["slurmctld"].poll() is None:
-            self.run(["scancel", "--partition=debug"], timeout=30)
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                squeue = self.run(["squeue", "-h", "-o", "%i %T"], timeout=30)
-                if squeue.returncode != 0 or not squeue.stdout.strip():
-                    break
-                time.sleep(1)
+            self.cancel_all()
         # a job step's slurmstepd outlives its slurmd: stop every process left on the nodes (not slurmctld's
         # own helper, slurmscriptd: slurmctld would wait for it)
         for ns in self.netns[1:]:

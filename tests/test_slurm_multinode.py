@@ -214,16 +214,21 @@ def rank_pid(cluster, node: str) -> int:
     raise AssertionError(f"no training rank on {node}")
 
 
+def signal_node2_mid_run(cluster, inputs, out: Path, sig: int) -> tuple[str, float, str]:
+    """A 2-node Stage 2 run whose rank on n2 gets `sig` after checkpoint-3 is complete (every rank has
+    gone on past its collectives); returns the job's final state, seconds from the signal, its log."""
+    job = stage2(cluster, inputs, out, *TWO_NODES)
+    wait_for_step(out, 4)
+    sent = time.time()
+    os.kill(rank_pid(cluster, "n2"), sig)
+    state = cluster.wait([job], timeout=LOST_NODE_DEADLINE_S)[job]
+    return state, time.time() - sent, job_log(inputs[0], "stage2", job)
+
+
 def test_a_lost_node_fails_the_job_in_time_and_the_resubmission_loses_nothing(cluster, inputs, reference):
     folder, _ = inputs
     out = folder / "lost-node"
-    job = stage2(cluster, inputs, out, *TWO_NODES)
-    wait_for_step(out, 4)  # checkpoint-3 is complete: every rank has gone on past its collectives
-    killed = time.time()
-    os.kill(rank_pid(cluster, "n2"), signal.SIGKILL)
-    state = cluster.wait([job], timeout=LOST_NODE_DEADLINE_S)[job]
-    took = time.time() - killed
-    log = job_log(folder, "stage2", job)
+    state, took, log = signal_node2_mid_run(cluster, inputs, out, signal.SIGKILL)
     assert state == "FAILED", log[-4000:]
     assert took < LOST_NODE_DEADLINE_S
     assert "error: training failed" in log and "srun: error: n2: task 1" in log, log[-4000:]
@@ -238,15 +243,8 @@ def test_a_lost_node_fails_the_job_in_time_and_the_resubmission_loses_nothing(cl
 
 def test_a_frozen_node_fails_the_job_after_the_collective_timeout(cluster, inputs):
     """SIGSTOP: the rank on node 2 stops answering with its sockets open, the classic multi-node hang."""
-    folder, _ = inputs
-    out = folder / "frozen-node"
-    job = stage2(cluster, inputs, out, *TWO_NODES)
-    wait_for_step(out, 4)
-    frozen = time.time()
-    os.kill(rank_pid(cluster, "n2"), signal.SIGSTOP)
-    state = cluster.wait([job], timeout=LOST_NODE_DEADLINE_S)[job]
-    took = time.time() - frozen
-    log = job_log(folder, "stage2", job)
+    out = inputs[0] / "frozen-node"
+    state, took, log = signal_node2_mid_run(cluster, inputs, out, signal.SIGSTOP)
     assert state == "FAILED", log[-4000:]
     assert COLLECTIVE_TIMEOUT_S <= took < LOST_NODE_DEADLINE_S, log[-4000:]
     assert "error: training failed" in log and "srun: error: n1: task 0" in log, log[-4000:]
