@@ -3,7 +3,8 @@
 On GPUs FlashAttention-2's varlen kernel attends within each packed example. Its CPU twin used to be
 sdpa with the block-diagonal mask transformers builds from position_ids: a dense T x T product per row
 and layer with most of it masked, which the CPU kernel cannot skip. For a 2048-token row of three
-examples that is about 6x the pairs the examples attend to; on SmolLM2 it was most of a training step.
+examples that is about 6x the pairs the examples attend to (arithmetic; the speed-up is for
+bench/train_throughput.py to measure).
 Here each example is its own causal sdpa call, whose CPU flash kernel computes only the causal
 triangle. Same arithmetic as the masked call (fp32 differences ~1e-7), registered with transformers as
 attn_implementation "sdpa_varlen"; its mask function builds no mask.
