@@ -1,4 +1,4 @@
-"""Quality bench: does distil-tuning make a better student? Four arms from the same base model.
+"""Quality bench: does distil-tuning make a better student? Five arms from the same base model.
 
     python bench/quality.py                       # SmolLM2 on the real English gold standard, CPU (~90 min)
     python bench/quality.py --config launch/configs/paper_qwen25_05b.yaml --launcher deepspeed   # GPU node
@@ -10,6 +10,9 @@ Arms (same reports, seed and schedule; only what the arm names changes):
                     key information, written by the project's own Stage 1 job (teacher.model)
   standard_matched  gamma = 1, more epochs, so it sees as many supervised tokens as `distil`: tells a
                     gain of the extraction task from a gain of more compute
+  distil_kd         `distil` plus token-level distillation: the teacher's top-k next-token distributions
+                    over both tasks' answers (stored by the same Stage 1 job, teacher.topk_logprobs),
+                    loss.kd_alpha = --kd-alpha, generalized JSD with loss.kd_beta = --kd-beta
 Each arm is evaluated on the whole test split with the project's evaluation (launch/evaluate.py);
 eval.max_new_tokens is set to cover the reference summaries: the 95th percentile of the test
 references' token lengths (+1 for the end-of-turn token), rounded up to 32. The training summaries
@@ -42,9 +45,9 @@ sys.path.insert(0, str(REPO))
 from distil.config import load_config  # noqa: E402
 from distil.data import read_jsonl, write_jsonl  # noqa: E402
 
-ARMS = ("base", "standard", "distil", "standard_matched")
+ARMS = ("base", "standard", "distil", "standard_matched", "distil_kd")
 METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4")
-PAIRS = (("distil", "base"), ("distil", "standard"), ("distil", "standard_matched"))
+PAIRS = (("distil", "base"), ("distil", "standard"), ("distil", "standard_matched"), ("distil_kd", "distil"))
 
 
 def paired(a: dict[str, dict], b: dict[str, dict], samples: int, seed: int) -> dict[str, list[float]]:
@@ -65,6 +68,15 @@ def covering_tokens(tokenizer, summaries: list[str], quantile: float = 0.95, ste
     lengths = sorted(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in summaries)
     k = min(len(lengths) - 1, math.ceil(quantile * len(lengths)) - 1)
     return step * math.ceil((lengths[k] + 1) / step)  # + 1: the end-of-turn token
+
+
+def free_port() -> int:
+    """A port nobody listens on now: DeepSpeed's default 29500 may be taken (a test run, another bench)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(cmd: list[str], log: Path, env: dict) -> None:
@@ -118,6 +130,16 @@ def arm_result(eval_dir: Path, arm: str) -> tuple[dict, dict]:
     return means, per_report
 
 
+def store_size(key_info: Path) -> dict:
+    """Bytes on disk of the teacher's top-k store (arrays + index) per answer token it holds."""
+    from distil.teacher_topk import TopkStore, store_dir
+
+    folder = store_dir(key_info)
+    tokens = sum(e.tokens for e in TopkStore(folder).entries.values())
+    on_disk = sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith((".bin", ".jsonl")))
+    return {"answer_tokens": tokens, "bytes": on_disk, "bytes_per_token": round(on_disk / max(tokens, 1), 1)}
+
+
 def check_settings(path: Path, settings: dict) -> None:
     """The arms kept in --keep are only comparable with arms of the same data, config and overrides."""
     if path.is_file() and json.loads(path.read_text()) != settings:
@@ -134,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     parser.add_argument("--keep", type=Path, default=REPO / "bench" / "results" / "quality",
                         help="the key-info ledger and the finished arms' results (small; kept across clones)")
-    parser.add_argument("--launcher", default=f"{Path(sys.executable).parent / 'deepspeed'} --num_gpus 2",
+    parser.add_argument("--launcher", default=f"{Path(sys.executable).parent / 'deepspeed'} --num_gpus 2 "
+                                              f"--master_port {free_port()}",
                         help="how Stage 2 is started (on a GPU node: deepspeed)")
     parser.add_argument("--train-reports", type=int, default=160, help="first N of the train split; 0 = all")
     parser.add_argument("--test-reports", type=int, default=0, help="first N of the test split; 0 = all (the bench)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--kd-alpha", type=float, default=1.0, help="loss.kd_alpha of the distil_kd arm")
+    parser.add_argument("--kd-beta", type=float, default=0.5, help="loss.kd_beta of the distil_kd arm (0.5 = JSD)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
     args = parser.parse_args(argv)
     args.work, args.keep = args.work.resolve(), args.keep.resolve()
@@ -152,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(args.keep / "settings.json", settings)
     key_info = args.keep / "key_info.jsonl"
     common = [f"data.prepared_dir={data}", f"data.key_info_path={key_info}", *args.overrides]
-    if any(arm in args.arms for arm in ("distil", "standard_matched")):
+    if any(arm in args.arms for arm in ("distil", "standard_matched", "distil_kd")):
         run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
              "teacher.splits=[train]"], args.work / "logs" / "annotate.log", env)
     from transformers import AutoTokenizer
@@ -164,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if key_info.is_file():  # written by Stage 1 above; absent when only base / standard are asked for
         budget["distil"] = token_budget(cfg, data, key_info, cfg.loss.gamma)
         matched_epochs = round(epochs * budget["distil"]["supervised"] / budget["standard"]["supervised"], 3)
-    plan = {"base": None, "standard": (1.0, epochs), "distil": (cfg.loss.gamma, epochs),
-            "standard_matched": (1.0, matched_epochs)}
+    kd = [f"loss.kd_alpha={args.kd_alpha}", f"loss.kd_beta={args.kd_beta}"]
+    plan = {"base": None, "standard": (1.0, epochs, []), "distil": (cfg.loss.gamma, epochs, []),
+            "standard_matched": (1.0, matched_epochs, []), "distil_kd": (cfg.loss.gamma, epochs, kd)}
 
     results_dir = args.keep
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -178,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         model = cfg.model.name_or_path
         train_tokens = {"supervised": 0, "tokens": 0, "epochs": 0}
         if plan[arm] is not None:
-            gamma, arm_epochs = plan[arm]
+            gamma, arm_epochs, arm_overrides = plan[arm]
             out = args.work / arm
             if not (out / "hf" / "config.json").is_file():
                 run([*shlex.split(args.launcher), "launch/train.py", "--config", args.config, *common,
-                     f"loss.gamma={gamma}", f"train.num_epochs={arm_epochs}", f"train.output_dir={out}"],
+                     f"loss.gamma={gamma}", f"train.num_epochs={arm_epochs}", f"train.output_dir={out}", *arm_overrides],
                     args.work / "logs" / f"train_{arm}.log", {**env, "OMP_NUM_THREADS": "1"})
             per_epoch = budget["standard" if gamma == 1.0 else "distil"]
             train_tokens = {k: round(per_epoch[k] * arm_epochs) for k in ("supervised", "tokens")}
@@ -196,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         means, per_report = arm_result(eval_dir, arm)
         result = {**means, "n": len(per_report), "train_tokens": train_tokens["supervised"],
                   "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
-                  "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1), "per_report": per_report}
+                  "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1),
+                  **({"kd": {"alpha": args.kd_alpha, "beta": args.kd_beta, "temperature": 1.0,
+                             "topk": cfg.teacher.topk_logprobs, "store": store_size(key_info)}}
+                     if arm == "distil_kd" else {}),
+                  "per_report": per_report}
         result_file.write_text(json.dumps(result))
         print(f"{arm}: " + ", ".join(f"{m} {means[m]:.2f}" for m in METRICS) + f" ({result['wall_s']:.0f} s)",
               flush=True)

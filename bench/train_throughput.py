@@ -21,7 +21,9 @@ are close to Qwen's (~0.25). --model FOLDER runs a real model (e.g. SmolLM2) wit
 answers have the same length distribution as in the paper's setting, which is what timing needs.
 Writes ratio_vs_reference, padding_efficiency, tokens_per_s and mfu: model FLOPs per second over
 the matmul peak measured in the same run (the best of large square fp32 products, n = 1024-4096,
-on the threads the run uses).
+on the threads the run uses). --kd-topk K also times ours with the token-level KD term (loss.kd_alpha
+1, JSD) over K stored teacher log-probs per answer token, read from a real top-k store written
+beforehand (the model's own top-K, by one no-grad forward per example): kd_step_ratio = with / without.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 
 from distil.backend import choose_backend
 from distil.data import crop, load_sources
+from distil.kd_loss import KDTerm
 from distil.loss import task_token_counts
 from distil.packing import collate_packed, pack_best_fit
 from distil.tiny import train_tokenizer
@@ -122,7 +125,28 @@ def run_reference(model, tokenizer, examples: list[dict], max_length: int) -> di
             "processed_tokens": processed, "flops": flops}
 
 
-def run_ours(model, examples: list[dict], pack_length: int) -> dict:
+def attach_teacher_topk(model, tokenizer, examples: list[dict], k: int, folder: Path) -> None:
+    """Write the model's own top-k over each example's answer tokens to a store, as Stage 1 would, and
+    attach the entries the way Stage 2's data loading does."""
+    from distil.teacher_topk import TopkStore, sequence_fingerprint, tokenizer_fingerprint
+    from teacher_serving.topk import ScoreJob, TopkWriter
+
+    writer = TopkWriter(folder, "bench", tokenizer_fingerprint(tokenizer), {"topk": k})
+    for i, ex in enumerate(examples):
+        n = sum(t != IGNORE for t in ex["labels"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).logits[0, -n - 1:-1]
+        top = logits.float().log_softmax(-1).topk(k)
+        job = ScoreJob({"id": f"{ex['id']}#{i}"}, {}, fingerprints={ex["task"]: sequence_fingerprint(ex["input_ids"])})
+        writer.append([(job, {ex["task"]: (top.indices.numpy(), top.values.numpy())})])
+    writer.close()
+    store = TopkStore(folder)
+    for i, ex in enumerate(examples):
+        ex["teacher_topk"] = store.lookup(f"{ex['id']}#{i}", ex["task"], ex["input_ids"],
+                                          sum(t != IGNORE for t in ex["labels"]))
+
+
+def run_ours(model, examples: list[dict], pack_length: int, kd: KDTerm | None = None) -> dict:
     """Both tasks of every report packed into rows; one forward per row; lm_head at labels only."""
     flat = [e for pair in examples for e in pair]
     rows = [[flat[i] for i in row] for row in pack_best_fit([len(e["input_ids"]) for e in flat], pack_length)]
@@ -133,7 +157,7 @@ def run_ours(model, examples: list[dict], pack_length: int) -> dict:
         batch = collate_packed([row])
         opt.zero_grad()
         counts = task_token_counts(batch["target_ids"], batch["task_ids"])
-        loss, _, _ = packed_loss(model, batch, 0.8, counts, chunk_tokens=1024)
+        loss, _, _ = packed_loss(model, batch, 0.8, counts, chunk_tokens=1024, kd=kd)
         loss.backward()
         opt.step()
         n_labelled = int(counts.sum())
@@ -159,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-vocab", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", default="auto", help="ours: model.attn_implementation (auto = the trainer's)")
+    parser.add_argument("--kd-topk", type=int, default=0, help="also time ours with the KD term over K teacher log-probs")
     args = parser.parse_args(argv)
     attention = choose_backend(args.attention).attn_implementation
 
@@ -189,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     model.set_attn_implementation(attention)
     run_ours(model, pairs[:4], args.pack_length)  # warm-up
     ours = run_ours(model, pairs[:args.reports_ours], args.pack_length)
+    with_kd = None
+    if args.kd_topk:
+        import tempfile
+
+        flat = [e for pair in pairs[:args.reports_ours] for e in pair]
+        with tempfile.TemporaryDirectory() as folder:
+            attach_teacher_topk(model, tokenizer, flat, args.kd_topk, Path(folder) / "bench.topk")
+            with_kd = run_ours(model, pairs[:args.reports_ours], args.pack_length, KDTerm(alpha=1.0, beta=0.5))
     model.set_attn_implementation("sdpa")
     reference = run_reference(model, tokenizer, pairs[:args.reports_reference], args.max_length)
 
@@ -206,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         "model_gflops_per_s": round(ours["flops"] / ours["seconds"] / 1e9, 1),
         "seconds_per_report": {"ours": round(ours_per_report, 3), "reference": round(ref_per_report, 3)},
         "matmul_peak_gflops": round(peak / 1e9, 1),
+        **({"kd_step_ratio": round(with_kd["seconds"] / ours["seconds"], 3),
+            "kd_tokens_per_s": round(with_kd["tokens"] / with_kd["seconds"], 1),
+            "kd": {"topk": args.kd_topk, "alpha": 1.0, "beta": 0.5, "lm_head_chunk_tokens": 1024}} if with_kd else {}),
         "setup": {
             "model": args.model or "tiny Qwen2 (random)", "model_params": params, "vocab": model.config.vocab_size,
             **({} if args.model else SHAPE), "attention": {"ours": attention, "reference": "sdpa"}, "dtype": "fp32",

@@ -91,11 +91,21 @@ class LossConfig:
     gamma: float = _help("L = gamma*L_sum + (1-gamma)*L_ext; 1.0 = standard fine-tuning baseline.", 0.8)
     lm_head_chunk_tokens: int = _help(
         "Labelled positions whose logits are upcast to fp32 for cross-entropy at a time (bounds memory).", 2048)
+    kd_alpha: float = _help(
+        "Weight of token-level distillation: L = gamma*(L_sum + a*KD_sum) + (1-gamma)*(L_ext + a*KD_ext), KD = the "
+        "divergence from the teacher's top-k that Stage 1 stored (teacher.topk_logprobs) next to data.key_info_path; "
+        "0 = off (the teacher's text only).", 0.0)
+    kd_beta: float = _help("KD divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = generalized "
+                           "Jensen-Shannon (0.5 = symmetric JSD).", 0.5)
+    kd_temperature: float = _help("KD temperature, applied to the top-k + rest buckets of both sides (1 = none).", 1.0)
 
     def __post_init__(self) -> None:
         p: list[str] = []
         _require(p, 0.0 <= self.gamma <= 1.0, "gamma", f"must be in [0, 1], got {self.gamma}")
         _require(p, self.lm_head_chunk_tokens > 0, "lm_head_chunk_tokens", "must be positive")
+        _require(p, self.kd_alpha >= 0.0, "kd_alpha", f"must be >= 0 (0 = off), got {self.kd_alpha}")
+        _require(p, 0.0 <= self.kd_beta <= 1.0, "kd_beta", f"must be in [0, 1], got {self.kd_beta}")
+        _require(p, self.kd_temperature > 0.0, "kd_temperature", f"must be positive, got {self.kd_temperature}")
         _raise_if(p)
 
 
@@ -184,6 +194,10 @@ class TeacherConfig:
         "Sequences one replica's engine decodes at once (vLLM max_num_seqs); the job keeps twice as many single "
         "requests in flight per replica, so the engine's batch stays full (continuous batching).", 256)
     max_replica_restarts: int = _help("Restarts per replica after an engine failure before it is given up.", 2)
+    topk_logprobs: int = _help(
+        "Also store the teacher's top-k next-token log-probs over the answer tokens of both training tasks "
+        "(its key information, and the gold summary scored by prefill), train split only, for token-level "
+        "distillation (loss.kd_alpha); 0 = off. Above 20 raises the engine's max_logprobs.", 20)
     grounding_threshold: float | None = _help(
         "Share of the answer's numbers, units, dates and drug names found in the report below which the "
         "record gets status 'ungrounded' (Stage 2 drops it); null = store the score only.", None)
@@ -219,6 +233,9 @@ class TeacherConfig:
         for key in ("max_replica_restarts", "api_retries"):
             _require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _require(p, self.request_timeout_s > 0, "request_timeout_s", f"must be positive, got {self.request_timeout_s}")
+        _require(p, self.topk_logprobs >= 0, "topk_logprobs", f"must be >= 0 (0 = off), got {self.topk_logprobs}")
+        _require(p, self.backend != "openai" or self.topk_logprobs == 0, "topk_logprobs",
+                 "backend openai returns no prompt log-probs to store; set teacher.topk_logprobs: 0")
         _require(p, self.backend != "openai" or bool(self.api_base), "api_base",
                  "backend openai needs the endpoint, e.g. teacher.api_base=http://host:8000/v1")
         _raise_if(p)

@@ -10,7 +10,8 @@ from torch.utils.data import Dataset
 
 from distil.data import load_key_info, read_jsonl, training_examples
 from distil.packing import pack_best_fit
-from distil.tokenization import encode_example
+from distil.teacher_topk import TopkStore, store_dir
+from distil.tokenization import IGNORE, encode_example
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class PackingStats:
     tokens: int
     labelled_tokens: int
     row_fill: float  # tokens / (rows * pack_length)
+    teacher_topk: int = 0  # examples with the teacher's top-k (token-level distillation)
+    missing_teacher_topk: int = 0  # examples trained without them (KD on, Stage 1 wrote none)
 
 
 class PackedRows(Dataset):
@@ -43,10 +46,13 @@ class PackedRows(Dataset):
 
 
 def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], gamma: float,
-                      max_length: int, pack_length: int) -> tuple[PackedRows, PackingStats]:
+                      max_length: int, pack_length: int, topk: TopkStore | None = None) -> tuple[PackedRows, PackingStats]:
     examples, counts = training_examples(records, key_info, gamma)
     encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
     kept = [e for e in encoded if e is not None]
+    if topk is not None:
+        for e in kept:
+            e["teacher_topk"] = topk.lookup(e["id"], e["task"], e["input_ids"], sum(t != IGNORE for t in e["labels"]))
     rows = [[kept[i] for i in row] for row in pack_best_fit([len(e["input_ids"]) for e in kept], pack_length)]
     tokens = sum(len(e["input_ids"]) for e in kept)
     stats = PackingStats(
@@ -55,18 +61,28 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
         dropped_answer_too_long=len(encoded) - len(kept), rows=len(rows), tokens=tokens,
         labelled_tokens=sum(sum(t != -100 for t in e["labels"]) for e in kept),
         row_fill=tokens / max(1, len(rows) * pack_length),
+        teacher_topk=sum(e.get("teacher_topk") is not None for e in kept),
+        missing_teacher_topk=sum(e.get("teacher_topk") is None for e in kept) if topk is not None else 0,
     )
     return PackedRows(rows), stats
 
 
 def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gamma: float,
-                    max_length: int, pack_length: int) -> tuple[PackedRows, PackingStats]:
+                    max_length: int, pack_length: int, kd: bool = False,
+                    student: str = "the student") -> tuple[PackedRows, PackingStats]:
+    """Packed rows of train.jsonl; with `kd`, each example carries the teacher's top-k that Stage 1
+    stored beside key_info_path (a student with another tokenizer is refused here, before any step)."""
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
-    if gamma < 1.0 and key_info_path is None:
-        raise ValueError("loss.gamma < 1 trains the extraction task, which needs data.key_info_path "
-                         "(the Stage 1 ledger); set it, or set loss.gamma: 1.0 for the summary-only baseline")
+    if (gamma < 1.0 or kd) and key_info_path is None:
+        raise ValueError("loss.gamma < 1 trains the extraction task and loss.kd_alpha > 0 distils the teacher's "
+                         "top-k; both need data.key_info_path (the Stage 1 ledger; the top-k store lies beside it); "
+                         "set it, or set loss.gamma: 1.0 and loss.kd_alpha: 0 for the summary-only baseline")
     key_info = load_key_info(key_info_path) if gamma < 1.0 else {}
-    rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length)
+    topk = None
+    if kd:
+        topk = TopkStore(store_dir(key_info_path))
+        topk.check_tokenizer(tokenizer, student)
+    rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length, topk)
     log.info("training data: %s", stats)
     if stats.missing_key_info:
         log.warning("%d of %d reports have no key information in %s: trained on the summary task only",
@@ -74,6 +90,9 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
     if stats.truncated:
         log.warning("%d examples longer than train.max_length=%d had their report truncated (answers kept whole)",
                     stats.truncated, max_length)
+    if stats.missing_teacher_topk:
+        log.warning("%d of %d examples have no teacher top-k in %s: trained without the KD term (rerun Stage 1 "
+                    "to score them)", stats.missing_teacher_topk, stats.examples, store_dir(key_info_path))
     if stats.dropped_answer_too_long:
         log.warning("%d examples dropped: their answer alone exceeds train.max_length=%d",
                     stats.dropped_answer_too_long, max_length)

@@ -4,6 +4,10 @@ Each task's loss is the mean cross-entropy over its assistant tokens, where the 
 are those of the whole optimizer step (every micro-batch on every rank). A micro-batch then
 contributes sum(ce) / step_count, and the contributions add up to the same loss however the
 step is split into micro-batches and ranks. Pure torch, no distributed code here.
+
+With token-level distillation (loss.kd_alpha = alpha > 0, distil/kd_loss.py) a token's loss is
+ce + alpha * kd, normalized by the same counts: L = gamma * (L_sum + alpha * KD_sum)
++ (1 - gamma) * (L_ext + alpha * KD_ext), i.e. L_kd = gamma * KD_sum + (1 - gamma) * KD_ext.
 """
 
 from __future__ import annotations
@@ -21,22 +25,27 @@ def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """Per-token cross-entropy [N] of logits [N, V], upcast to fp32 one chunk at a time.
+def chunked(fn, chunk_tokens: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*rows) -> [rows] fp32, applied to `chunk_tokens` rows of every tensor at a time.
 
-    Each chunk is checkpointed, so the fp32 copy exists for one chunk only, in forward and in
-    backward; with a 152k vocabulary a full fp32 copy would dwarf the model's activations.
+    Each chunk is checkpointed, so its fp32 copy of the logits exists for one chunk only, in forward
+    and in backward; with a 152k vocabulary a full fp32 copy would dwarf the model's activations.
     """
-    if logits.shape[0] == 0:
-        return logits.new_zeros(0, dtype=torch.float32)
+    if tensors[0].shape[0] == 0:
+        return tensors[0].new_zeros(0, dtype=torch.float32)
     pieces = []
-    for start in range(0, logits.shape[0], chunk_tokens):
-        part_logits, part_targets = logits[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and part_logits.requires_grad:
-            pieces.append(checkpoint(_cross_entropy_fp32, part_logits, part_targets, use_reentrant=False))
+    for start in range(0, tensors[0].shape[0], chunk_tokens):
+        part = [t[start:start + chunk_tokens] for t in tensors]
+        if torch.is_grad_enabled() and part[0].requires_grad:
+            pieces.append(checkpoint(fn, *part, use_reentrant=False))
         else:
-            pieces.append(_cross_entropy_fp32(part_logits, part_targets))
+            pieces.append(fn(*part))
     return torch.cat(pieces)
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Per-token cross-entropy [N] of logits [N, V], upcast to fp32 one chunk at a time."""
+    return chunked(_cross_entropy_fp32, chunk_tokens, logits, targets)
 
 
 def task_token_counts(target_ids: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -45,17 +54,24 @@ def task_token_counts(target_ids: torch.Tensor, task_ids: torch.Tensor) -> torch
     return torch.stack([(labelled & (task_ids == SUMMARIZE)).sum(), (labelled & (task_ids == EXTRACT)).sum()])
 
 
+def task_sums(values: torch.Tensor, token_task: torch.Tensor) -> torch.Tensor:
+    """[sum over summarize tokens, sum over extract tokens] of per-token values [N]."""
+    return torch.stack([values[token_task == SUMMARIZE].sum(), values[token_task == EXTRACT].sum()])
+
+
 def distil_loss(token_ce: torch.Tensor, token_task: torch.Tensor, gamma: float,
                 step_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of gamma * L_sum + (1 - gamma) * L_ext.
 
-    token_ce:    [N] fp32 cross-entropy of the labelled tokens of this micro-batch
+    token_ce:    [N] fp32 loss of the labelled tokens of this micro-batch: the cross-entropy, plus
+                 kd_alpha * the KD divergence where the teacher's top-k are used (the KD term is then
+                 normalized, and weighted per task, exactly like the cross-entropy)
     token_task:  [N] task of each token (SUMMARIZE or EXTRACT)
     step_counts: [2] labelled tokens per task over the whole optimizer step (all micro-batches,
                  all ranks). A task with no token in the step contributes 0, never NaN.
-    Returns (loss, per-task sums of cross-entropy [2], for logging).
+    Returns (loss, per-task sums of token_ce [2], for logging).
     """
-    sums = torch.stack([token_ce[token_task == SUMMARIZE].sum(), token_ce[token_task == EXTRACT].sum()])
+    sums = task_sums(token_ce, token_task)
     weights = torch.tensor([gamma, 1.0 - gamma], dtype=sums.dtype, device=sums.device)
     denominators = step_counts.to(sums.device, sums.dtype).clamp(min=1.0)
     return (weights * sums / denominators).sum(), sums.detach()

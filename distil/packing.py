@@ -9,7 +9,9 @@ examples and no padding token is ever computed.
 from __future__ import annotations
 
 import bisect
+import math
 
+import numpy as np
 import torch
 
 from distil.tokenization import IGNORE
@@ -49,7 +51,9 @@ def collate_packed(rows: list[list[dict]]) -> dict:
     """Flatten rows of encoded examples into one sequence with per-example positions.
 
     Returns input_ids, position_ids, target_ids (already shifted, IGNORE off the answer) and
-    task_ids (0 summarize, 1 extract) of shape [1, T], plus the example ids for tracing.
+    task_ids (0 summarize, 1 extract) of shape [1, T], plus the example ids for tracing. Examples
+    carrying the teacher's top-k (distil/teacher_topk.py) add teacher_ids, teacher_log_probs
+    [1, L, k] and teacher_mask [1, L] over the L labelled positions, in their order.
     """
     input_ids, positions, targets, tasks, ids = [], [], [], [], []
     for row in rows:
@@ -61,5 +65,33 @@ def collate_packed(rows: list[list[dict]]) -> dict:
             tasks += [TASK_IDS[ex["task"]]] * n
             ids.append(f"{ex['task']}:{ex['id']}")
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
-    return {"input_ids": as_row(input_ids), "position_ids": as_row(positions),
-            "target_ids": as_row(targets), "task_ids": as_row(tasks), "example_ids": ids}
+    batch = {"input_ids": as_row(input_ids), "position_ids": as_row(positions),
+             "target_ids": as_row(targets), "task_ids": as_row(tasks), "example_ids": ids}
+    examples = [ex for row in rows for ex in row]
+    if any(ex.get("teacher_topk") for ex in examples):
+        batch.update(teacher_rows(examples))
+    return batch
+
+
+def teacher_rows(examples: list[dict]) -> dict:
+    """The teacher's top-k of every labelled position of `examples`, concatenated in order.
+
+    An example without them gets placeholder rows (ids 0..k-1, uniform log-probs: finite, so no NaN
+    reaches the gradient) that teacher_mask leaves out of the loss.
+    """
+    k = next(ex["teacher_topk"].k for ex in examples if ex.get("teacher_topk"))
+    ids, log_probs, mask = [], [], []
+    for ex in examples:
+        n = sum(label != IGNORE for label in ex["labels"])
+        entry = ex.get("teacher_topk")
+        if entry is not None:
+            a, b = entry.read()
+            ids.append(a.astype(np.int64))
+            log_probs.append(b.astype(np.float32))
+        else:
+            ids.append(np.broadcast_to(np.arange(k, dtype=np.int64), (n, k)))
+            log_probs.append(np.full((n, k), -math.log(k + 1), dtype=np.float32))
+        mask.append(np.full(n, entry is not None))
+    return {"teacher_ids": torch.from_numpy(np.concatenate(ids)).unsqueeze(0),
+            "teacher_log_probs": torch.from_numpy(np.concatenate(log_probs)).unsqueeze(0),
+            "teacher_mask": torch.from_numpy(np.concatenate(mask)).unsqueeze(0)}

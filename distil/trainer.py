@@ -2,8 +2,9 @@
 
 `DistilTrainer` adds one thing to `transformers.Trainer`: the two-task loss
 L = gamma * L_sum + (1 - gamma) * L_ext over assistant tokens, in one forward pass over packed
-rows, normalized by the token counts of the whole optimizer step (plus a `_save` that keeps tied
-weights tied). `train()` is the recipe: config -> backend -> model, data -> Trainer.train
+rows, normalized by the token counts of the whole optimizer step, with the teacher's top-k
+distributions as an optional per-token term (loss.kd_alpha, distil/kd_loss.py; plus a `_save` that
+keeps tied weights tied). `train()` is the recipe: config -> backend -> model, data -> Trainer.train
 (resuming when it can; a finished run is refused) -> export. The caller adds its own callbacks
 (launch/train.py: the generation eval of eval/callback.py).
 """
@@ -25,7 +26,8 @@ from distil.backend import choose_backend
 from distil.checkpoints import FinishedRunError, finished_run_message, latest_complete_checkpoint, without_tied_copies
 from distil.config import ExperimentConfig, dump_config
 from distil.dataset import load_train_rows
-from distil.loss import chunked_cross_entropy, distil_loss, task_token_counts
+from distil.kd_loss import KDTerm, token_kd
+from distil.loss import chunked, chunked_cross_entropy, distil_loss, task_sums, task_token_counts
 from distil.packing import collate_packed
 from distil.preemption import SaveAndStopCallback
 from distil.tokenization import IGNORE
@@ -35,21 +37,31 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def packed_loss(model, batch: dict, gamma: float, step_counts: torch.Tensor, chunk_tokens: int):
-    """One forward over a packed micro-batch -> (its share of the step loss, per-task CE sums, outputs).
+def packed_loss(model, batch: dict, gamma: float, step_counts: torch.Tensor, chunk_tokens: int,
+                kd: KDTerm | None = None):
+    """One forward over a packed micro-batch -> (its share of the step loss, sums [4], outputs).
 
-    Only positions that carry a label go through lm_head (`logits_to_keep`), so the logits are
-    [labelled tokens, vocab], never [all tokens, vocab]; lm_head runs inside the model's own
-    forward, which keeps ZeRO-3's parameter gathering intact.
+    sums: cross-entropy summed per task [summarize, extract], then the KD divergence summed per task
+    (0 without KD), for logging. Only positions that carry a label go through lm_head
+    (`logits_to_keep`), so the logits are [labelled tokens, vocab], never [all tokens, vocab];
+    lm_head runs inside the model's own forward, which keeps ZeRO-3's parameter gathering intact.
+    The fp32 work on them (cross-entropy, KD) goes a chunk of positions at a time.
     """
     targets, tasks = batch["target_ids"][0], batch["task_ids"][0]
     labelled = (targets != IGNORE).nonzero().squeeze(1)
     outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     logits_to_keep=labelled, use_cache=False)
     logits = outputs.logits[0]
-    token_ce = chunked_cross_entropy(logits, targets[labelled], chunk_tokens)
-    loss, ce_sums = distil_loss(token_ce, tasks[labelled], gamma, step_counts)
-    return loss + 0.0 * logits.sum(), ce_sums, outputs  # 0*sum keeps the graph when nothing is labelled
+    token_loss = token_ce = chunked_cross_entropy(logits, targets[labelled], chunk_tokens)
+    token_kd_masked = torch.zeros_like(token_ce)
+    if kd is not None and kd.alpha > 0 and "teacher_ids" in batch:
+        divergence = chunked(lambda z, i, lp: token_kd(z, i, lp, kd.beta, kd.temperature), chunk_tokens,
+                             logits, batch["teacher_ids"][0], batch["teacher_log_probs"][0])
+        token_kd_masked = divergence * batch["teacher_mask"][0].to(divergence.dtype)
+        token_loss = token_ce + kd.alpha * token_kd_masked
+    loss, _ = distil_loss(token_loss, tasks[labelled], gamma, step_counts)
+    sums = torch.cat([task_sums(token_ce, tasks[labelled]), task_sums(token_kd_masked, tasks[labelled])]).detach()
+    return loss + 0.0 * logits.sum(), sums, outputs  # 0*sum keeps the graph when nothing is labelled
 
 
 class DistilTrainer(Trainer):
@@ -58,13 +70,20 @@ class DistilTrainer(Trainer):
     # compute_loss already divides by the step's token counts, so no further 1/GAS scaling.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, gamma: float, lm_head_chunk_tokens: int, trace_dir: Path | None = None, **kwargs):
+    def __init__(self, *args, gamma: float, lm_head_chunk_tokens: int, kd: KDTerm | None = None,
+                 trace_dir: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.gamma = gamma
         self.lm_head_chunk_tokens = lm_head_chunk_tokens
+        self.kd = kd
         self.trace_dir = trace_dir
-        self._since_log = {"ce": torch.zeros(2, dtype=torch.float64), "count": torch.zeros(2, dtype=torch.float64),
-                           "tokens": 0, "time": time.perf_counter()}
+        self._since_log = self._fresh_log()
+
+    @staticmethod
+    def _fresh_log() -> dict:
+        # sums: CE per task, KD per task; counts: labelled tokens per task, tokens with the teacher's top-k
+        return {"sums": torch.zeros(4, dtype=torch.float64), "count": torch.zeros(3, dtype=torch.float64),
+                "tokens": 0, "time": time.perf_counter()}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Collect the step's micro-batches and count its labelled tokens per task over all ranks."""
@@ -86,16 +105,18 @@ class DistilTrainer(Trainer):
         step_counts = num_items_in_batch
         if step_counts is None:  # outside the training loop (e.g. evaluate): this micro-batch alone
             step_counts = task_token_counts(inputs["target_ids"], inputs["task_ids"])
-        loss, ce_sums, outputs = packed_loss(model, inputs, self.gamma, step_counts, self.lm_head_chunk_tokens)
+        loss, sums, outputs = packed_loss(model, inputs, self.gamma, step_counts, self.lm_head_chunk_tokens, self.kd)
         # The counts span all ranks while DeepSpeed averages gradients over ranks: undo the average.
         loss = loss * self.accelerator.num_processes
         if model.training:
-            self._record(inputs, ce_sums, task_token_counts(inputs["target_ids"], inputs["task_ids"]))
+            self._record(inputs, sums)
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, inputs, ce_sums, counts) -> None:
-        self._since_log["ce"] += ce_sums.double().cpu()
-        self._since_log["count"] += counts.double().cpu()
+    def _record(self, inputs, sums) -> None:
+        counts = task_token_counts(inputs["target_ids"], inputs["task_ids"]).double().cpu()
+        kd_tokens = inputs["teacher_mask"].sum().double().cpu().view(1) if "teacher_mask" in inputs else torch.zeros(1)
+        self._since_log["sums"] += sums.double().cpu()
+        self._since_log["count"] += torch.cat([counts, kd_tokens.double()])
         self._since_log["tokens"] += inputs["input_ids"].numel()
         if self.trace_dir is not None:
             self.trace_dir.mkdir(parents=True, exist_ok=True)
@@ -104,21 +125,22 @@ class DistilTrainer(Trainer):
                                     "examples": inputs["example_ids"]}) + "\n")
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Add L_sum, L_ext and tokens/s (all ranks) to each training log line."""
+        """Add L_sum, L_ext, the KD divergence per token (loss_kd) and tokens/s (all ranks) to each log line."""
         if "loss" in logs:
             acc = self._since_log
-            totals = torch.cat([acc["ce"], acc["count"], torch.tensor([float(acc["tokens"])], dtype=torch.float64)])
+            totals = torch.cat([acc["sums"], acc["count"], torch.tensor([float(acc["tokens"])], dtype=torch.float64)])
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
-            ce, count, tokens = totals[:2], totals[2:4], totals[4].item()
+            sums, count, tokens = totals[:4], totals[4:7], totals[7].item()
             if count[0] > 0:
-                logs["loss_sum"] = round((ce[0] / count[0]).item(), 6)
+                logs["loss_sum"] = round((sums[0] / count[0]).item(), 6)
             if count[1] > 0:
-                logs["loss_ext"] = round((ce[1] / count[1]).item(), 6)
+                logs["loss_ext"] = round((sums[1] / count[1]).item(), 6)
+            if count[2] > 0:
+                logs["loss_kd"] = round(((sums[2] + sums[3]) / count[2]).item(), 6)
             elapsed = time.perf_counter() - acc["time"]
             logs["tokens_per_s"] = round(tokens / max(elapsed, 1e-9), 1)
-            self._since_log = {"ce": torch.zeros(2, dtype=torch.float64), "count": torch.zeros(2, dtype=torch.float64),
-                               "tokens": 0, "time": time.perf_counter()}
+            self._since_log = self._fresh_log()
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -204,10 +226,12 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     if backend.on_cpu:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    kd = KDTerm(cfg.loss.kd_alpha, cfg.loss.kd_beta, cfg.loss.kd_temperature) if cfg.loss.kd_alpha > 0 else None
+    rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
+                              cfg.train.max_length, cfg.train.pack_length, kd=kd is not None,
+                              student=cfg.model.name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, dtype=DTYPES[cfg.train.precision], attn_implementation=backend.attn_implementation)
-    rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
-                              cfg.train.max_length, cfg.train.pack_length)
     config_text = dump_config(cfg)
     trace_dir = Path(cfg.train.output_dir) / "data_trace" if cfg.train.trace_data else None
     preemption = SaveAndStopCallback.from_env()  # SLURM's pre-termination signal (slurm/stage2.sbatch)
@@ -216,7 +240,7 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     trainer = DistilTrainer(
         model=model, args=args, train_dataset=rows, data_collator=collate_packed, processing_class=tokenizer,
         callbacks=own + list(callbacks), gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
-        trace_dir=trace_dir,
+        kd=kd, trace_dir=trace_dir,
     )
     resume = latest_complete_checkpoint(cfg.train.output_dir) if cfg.train.resume == "auto" else None
     if resume:

@@ -13,7 +13,9 @@ instance is started):
     python launch/annotate.py --config launch/configs/tiny_cpu.yaml teacher.max_new_tokens=64
 
 Reads data.prepared_dir/<split>.jsonl for teacher.splits, appends to data.key_info_path and
-writes its summary next to it (*.summary.json). Rerunning resumes: done reports are skipped.
+writes its summary next to it (*.summary.json); with teacher.topk_logprobs > 0 (the default) also the
+teacher's top-k distributions of the train reports into <ledger>.topk/ (token-level distillation).
+Rerunning resumes: done reports are skipped.
 Exit status 0 = every report has a record, 1 = some failed (rerun to retry them), 2 = bad input
 (config, data, or a teacher.model folder that distil/model_check.py refuses).
 """
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"key information: {cfg.data.key_info_path} {summary['status']}")
-    return 1 if summary["this_run"]["failed"] else 0
+    return 1 if summary["this_run"]["failed"] or summary.get("topk", {}).get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from distil.checkpoints import FinishedRunError
 from distil.config import ConfigError, load_config
 from distil.data import DataError
 from distil.model_check import ModelInputError, check_model_dir
+from distil.teacher_topk import TopkStoreError
 
 LAUNCH_HINT = "deepspeed --num_gpus N launch/train.py --config CONFIG.yaml [--deepspeed ds_configs/zero2.json]"
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
             callbacks.append(GenerationEvalCallback(cfg))
         hf_dir = train(cfg, callbacks)
-    except (DataError, FinishedRunError) as exc:
+    except (DataError, FinishedRunError, TopkStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if hf_dir:

@@ -143,21 +143,25 @@ def make_pool(cfg: ExperimentConfig):
                       pipeline_parallel_size=t.pipeline_parallel_size, max_model_len=t.max_model_len, dtype=t.dtype,
                       seed=t.seed, kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager,
                       json_mode=t.key_info_format == "json", executor_backend=plan.executor_backend,
-                      cpu_threads=None if plan.on_gpu else t.cpus_per_replica, max_num_seqs=t.max_num_seqs)
+                      cpu_threads=None if plan.on_gpu else t.cpus_per_replica, max_num_seqs=t.max_num_seqs,
+                      max_logprobs=max(20, t.topk_logprobs))
     return ReplicaPool(spec, plan, t.max_replica_restarts)
 
 
-def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None) -> Counter:
-    """Feed `pool` single requests, as many as it has free slots, until every item has a final
-    record (or failed too often); each answer is written the moment it returns. Counts of this run."""
-    schema = key_info_schema(t.json_max_field_chars) if t.key_info_format == "json" else None
+def drive(pool, items: list, make_request, accept, max_failures: int) -> Counter:
+    """Feed `pool` single requests, as many as it has free slots, until every item is accepted.
+
+    `accept(answered)` gets the (item, output) pairs that came back together and returns the items to
+    send again. A failed request (engine, endpoint) goes back to the front of the queue; an item whose
+    requests failed `max_failures` times is dropped and counted as "failed" (a rerun retries it).
+    """
     queue, inflight, counts = deque(items), {}, Counter()
     while queue or inflight:
         for _ in range(min(len(queue), pool.free_slots)):
             item = queue.popleft()
-            inflight[pool.submit(request(item, t, schema))] = item
+            inflight[pool.submit(make_request(item))] = item
         finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-        final = []
+        answered = []
         for future in finished:
             item = inflight.pop(future)
             try:
@@ -165,7 +169,7 @@ def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None
             except Exception as exc:  # engine, endpoint or request failure: the pool recovers, the item goes back
                 pool.failed(future, exc)
                 item.engine_failures += 1
-                if item.engine_failures < t.max_attempts:
+                if item.engine_failures < max_failures:
                     queue.appendleft(item)
                 else:
                     counts["failed"] += 1
@@ -173,17 +177,35 @@ def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None
                               item.record["id"], item.engine_failures, type(exc).__name__)
                 continue
             pool.done(future)
+            answered.append((item, output))
+        if answered:
+            queue.extend(accept(answered))
+    return counts
+
+
+def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None) -> Counter:
+    """Annotate `items`; each answer is written the moment it returns (retrying an empty, cut or
+    invalid one up to teacher.max_attempts). Counts of this run."""
+    schema = key_info_schema(t.json_max_field_chars) if t.key_info_format == "json" else None
+    counts: Counter = Counter()
+
+    def accept(answered: list[tuple[Item, dict]]) -> list[Item]:
+        retry, final = [], []
+        for item, output in answered:
             item.attempts += 1
             status = classify(output["text"], output["finish_reason"], t.key_info_format)
             if status in RETRYABLE and item.attempts < t.max_attempts:
-                queue.append(item)
-                continue
-            final.append(ledger_record(item, t, status, output))
+                retry.append(item)
+            else:
+                final.append(ledger_record(item, t, status, output))
         if final:  # one fsync for everything that finished together
             ledger.append(final)
             counts.update(r["status"] for r in final)
             if progress is not None:
                 progress(final)
+        return retry
+
+    counts += drive(pool, items, lambda item: request(item, t, schema), accept, t.max_attempts)
     return counts
 
 
@@ -205,50 +227,66 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
     if not cfg.data.key_info_path:
         raise ValueError(f"{cfg.source}: data.key_info_path is null; set it to the ledger file Stage 1 writes "
                          "(e.g. data.key_info_path=runs/key_info.jsonl)")
+    pool = None
+
+    def get_pool():
+        nonlocal pool
+        pool = pool or make_pool(cfg)
+        return pool
+
     with Ledger(cfg.data.key_info_path) as ledger:
         pending, total = load_pending(cfg, ledger, limit)
         log.info("%d reports in %s, %d already in %s, %d to annotate", total, t.splits, total - len(pending),
                  ledger.path, len(pending))
         counts: Counter = Counter()
         tokens, seconds = 0, 0.0
-        if pending:
-            tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model)
-            items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens)
-            too_long = [i for i in items if i.report_tokens_dropped]
-            if t.too_long == "skip":
-                impossible += [i.record for i in too_long]
-                items = [i for i in items if not i.report_tokens_dropped]
-            elif too_long:
-                log.info("%d report(s) cut to fit max_model_len - max_new_tokens = %d tokens (teacher.too_long)",
-                         len(too_long), t.max_model_len - t.max_new_tokens)
-            skipped = [ledger_record(Item(r, []), t, "skipped_too_long", None) for r in impossible]
-            ledger.append(skipped)
-            counts.update(r["status"] for r in skipped)
-            pool = make_pool(cfg) if items else None
-            bar = tqdm(total=len(items), unit="report", disable=not show_progress, mininterval=2.0)
-            started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model) if pending or t.topk_logprobs else None
+        try:
+            if pending:
+                items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens)
+                too_long = [i for i in items if i.report_tokens_dropped]
+                if t.too_long == "skip":
+                    impossible += [i.record for i in too_long]
+                    items = [i for i in items if not i.report_tokens_dropped]
+                elif too_long:
+                    log.info("%d report(s) cut to fit max_model_len - max_new_tokens = %d tokens (teacher.too_long)",
+                             len(too_long), t.max_model_len - t.max_new_tokens)
+                skipped = [ledger_record(Item(r, []), t, "skipped_too_long", None) for r in impossible]
+                ledger.append(skipped)
+                counts.update(r["status"] for r in skipped)
+                if items:
+                    get_pool()
+                bar = tqdm(total=len(items), unit="report", disable=not show_progress, mininterval=2.0)
+                started = time.perf_counter()
 
-            def progress(final: list[dict]) -> None:
-                nonlocal tokens
-                tokens += sum(r["completion_tokens"] or 0 for r in final)
-                bar.update(len(final))
-                bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+                def progress(final: list[dict]) -> None:
+                    nonlocal tokens
+                    tokens += sum(r["completion_tokens"] or 0 for r in final)
+                    bar.update(len(final))
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
 
-            try:
-                if pool is not None:
-                    counts += run(pool, items, t, ledger, progress)
-                seconds = time.perf_counter() - started  # first request to last answer: no engine start or stop
-            finally:
-                bar.close()
-                if pool is not None:
-                    pool.close()
-        done = sum(n for s, n in counts.items() if s != "failed")
-        summary = summarize(ledger, t)
-        summary["this_run"] = {"annotated": done, "failed": counts.get("failed", 0), "seconds": round(seconds, 3),
-                               "reports_per_s": round(done / seconds, 3) if done and seconds else None,
-                               "completion_tokens_per_s": round(tokens / seconds, 1) if done and seconds else None}
+                try:
+                    if items:
+                        counts += run(pool, items, t, ledger, progress)
+                    seconds = time.perf_counter() - started  # first request to last answer: no engine start or stop
+                finally:
+                    bar.close()
+            done = sum(n for s, n in counts.items() if s != "failed")
+            summary = summarize(ledger, t)
+            summary["this_run"] = {"annotated": done, "failed": counts.get("failed", 0), "seconds": round(seconds, 3),
+                                   "reports_per_s": round(done / seconds, 3) if done and seconds else None,
+                                   "completion_tokens_per_s": round(tokens / seconds, 1) if done and seconds else None}
+            if t.topk_logprobs:  # the second pass: distributions for token-level distillation
+                from teacher_serving.topk import score
+
+                summary["topk"] = score(cfg, get_pool, ledger.records, tokenizer, sampling_key(t))
+        finally:
+            if pool is not None:
+                pool.close()
     summary_path = Path(cfg.data.key_info_path).with_suffix(".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2))
     log.info("ledger %s: %s; grounding per language: %s; this run: %s", cfg.data.key_info_path, summary["status"],
              summary["grounding"], summary["this_run"])
+    if "topk" in summary:
+        log.info("teacher top-k this run: %s", summary["topk"])
     return summary

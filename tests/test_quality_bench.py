@@ -1,5 +1,5 @@
 """bench/quality.py end to end on the tiny model, so the bench cannot rot: prepare -> the real Stage 1
-job -> four arms trained with the real DeepSpeed launcher -> evaluation -> paired differences; a
+job (key information and the teacher's top-k) -> five arms trained with the real DeepSpeed launcher -> evaluation -> paired differences; a
 rerun skips every finished arm."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((tmp_path / "quality.json").read_text())
-    for arm in ("base", "standard", "distil", "standard_matched"):
+    for arm in ("base", "standard", "distil", "standard_matched", "distil_kd"):
         assert result[arm]["n"] == 4
         assert set(result[arm]) >= {"rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "n", "train_tokens", "wall_s"}
         assert all(0 <= result[arm][m] <= 100 for m in ("rougeL", "rouge1", "rouge2", "copy4"))
@@ -51,18 +51,23 @@ def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
     # the matched arm sees as many supervised tokens as distil (its epochs are scaled to match)
     assert result["standard_matched"]["train_tokens"] == pytest.approx(result["distil"]["train_tokens"], rel=0.01)
     assert result["train_reports"] == {"train_reports": 8, "of": 50}
-    for pair in ("distil_minus_base", "distil_minus_standard", "distil_minus_standard_matched"):
+    # distil_kd trains on distil's examples and tokens, plus the KD term over the stored top-20
+    assert result["distil_kd"]["train_tokens"] == result["distil"]["train_tokens"]
+    store = result["distil_kd"]["kd"]["store"]
+    assert store["answer_tokens"] > 0 and 6 * 20 < store["bytes_per_token"] < 6 * 20 + 100
+    for pair in ("distil_minus_base", "distil_minus_standard", "distil_minus_standard_matched", "distil_kd_minus_distil"):
         for mean, lo, hi in result["paired"][pair].values():
             assert lo <= mean <= hi
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("done before") == 4
+    assert again.stdout.count("done before") == 5
     assert json.loads((tmp_path / "quality.json").read_text())["paired"] == result["paired"]
     # a fresh clone has no --work: the kept arms and ledger alone let the rerun pair the arms again
     subprocess.run(["rm", "-rf", str(tmp_path / "work" / "standard"), str(tmp_path / "work" / "distil"),
-                    str(tmp_path / "work" / "standard_matched"), str(tmp_path / "work" / "eval")], check=True)
+                    str(tmp_path / "work" / "standard_matched"), str(tmp_path / "work" / "distil_kd"),
+                    str(tmp_path / "work" / "eval")], check=True)
     fresh = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 4, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 5, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert json.loads((tmp_path / "quality.json").read_text())["paired"] == result["paired"]
     other = subprocess.run([*command, "train.learning_rate=1e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "other settings" in other.stdout + other.stderr

@@ -82,5 +82,6 @@ def test_teacher_config_checks_name_the_key(tmp_path):
         load_config(path)
     text = str(err.value)
     assert "teacher.max_new_tokens" in text and "teacher.top_p" in text and "teacher.api_base" in text
+    assert "teacher.topk_logprobs: backend openai returns no prompt log-probs to store" in text
     for p in ("launch/configs/tiny_cpu.yaml",):
         assert load_config(p).teacher.tensor_parallel_size == 1

@@ -66,7 +66,7 @@ def config(tmp_path, prepared, model, api_base, **teacher):
     write_jsonl(small / "test.jsonl", rows)
     section = {"model": str(model), "backend": "openai", "api_base": api_base, "splits": ["test"],
                "max_model_len": 1024, "max_new_tokens": 12, "max_attempts": 2, "max_concurrency": 3,
-               "api_retries": 1, **teacher}
+               "api_retries": 1, "topk_logprobs": 0, **teacher}
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps({"data": {"prepared_dir": str(small), "key_info_path": str(tmp_path / "k.jsonl")},
                                 "teacher": section}))

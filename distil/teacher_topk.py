@@ -1,0 +1,135 @@
+"""The teacher's top-k next-token distributions: what Stage 1 stores and Stage 2 distils from.
+
+A store is a folder next to the key-information ledger (`<data.key_info_path>` with `.topk` in place
+of `.jsonl`), laid out like Megatron's indexed datasets:
+
+    index.jsonl   one line per report: teacher, prompt version, sampling (with k), the teacher
+                  tokenizer's fingerprint, and per task where its arrays are and which token
+                  sequence they were computed on
+    part-N.bin    the arrays, appended: per task top-k ids (int32 [n, k]) then log-probs (fp16 [n, k]),
+                  n = the task's answer tokens (answer + end-of-turn, the tokens that carry a label)
+
+Row j of a task's arrays is the teacher's distribution over the answer's token j, computed by
+prefill over exactly the token sequence Stage 2 trains on (distil.tokenization.encode_example), so
+the rows line up with the labelled positions of the packed rows one for one. Each answer token costs
+6 * k bytes (120 at k = 20), plus its report's share of an index line.
+
+An index line is written (fsync'd, through Stage 1's ledger) only after its arrays are on disk, so a
+killed job leaves at most unreferenced bytes at the end of a part file, never a line without data.
+Pure Python + numpy: no Ray, no vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+INDEX = "index.jsonl"
+ID_DTYPE, LOGPROB_DTYPE = np.dtype("<i4"), np.dtype("<f2")
+
+
+class TopkStoreError(ValueError):
+    """A store that cannot serve this training run; the message names the file or record and the fix."""
+
+
+def store_dir(key_info_path: str | Path) -> Path:
+    """Where the top-k store of a key-information ledger lives."""
+    return Path(key_info_path).with_suffix(".topk")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the token -> id map (added tokens included): two tokenizers with the same fingerprint
+    give the same ids the same meaning."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def sequence_fingerprint(input_ids: list[int]) -> str:
+    """Identity of the exact token sequence a task's distributions were computed on."""
+    return hashlib.sha256(np.asarray(input_ids, dtype=ID_DTYPE).tobytes()).hexdigest()[:16]
+
+
+def to_bytes(ids: np.ndarray, log_probs: np.ndarray) -> bytes:
+    """One task's arrays [n, k] as stored."""
+    return np.ascontiguousarray(ids, dtype=ID_DTYPE).tobytes() + np.ascontiguousarray(log_probs, dtype=LOGPROB_DTYPE).tobytes()
+
+
+@lru_cache(maxsize=64)
+def _part(path: str) -> np.memmap:
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+@dataclass(frozen=True)
+class TopkEntry:
+    """Where one task's arrays of one report are; `read` maps them from disk (the page cache is
+    shared by the ranks of a node)."""
+    path: str
+    offset: int
+    tokens: int
+    k: int
+    sequence: str
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.tokens * self.k
+        data = _part(self.path)
+        ids_end = self.offset + n * ID_DTYPE.itemsize
+        ids = np.frombuffer(data[self.offset:ids_end], dtype=ID_DTYPE).reshape(self.tokens, self.k)
+        log_probs = np.frombuffer(data[ids_end:ids_end + n * LOGPROB_DTYPE.itemsize], dtype=LOGPROB_DTYPE)
+        return ids, log_probs.reshape(self.tokens, self.k)
+
+
+class TopkStore:
+    """The index of a store: (report id, task) -> TopkEntry, plus the teacher tokenizer's fingerprint."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if not index.is_file():
+            raise TopkStoreError(f"{index}: no teacher top-k store; run Stage 1 (launch/annotate.py) with "
+                                 "teacher.topk_logprobs > 0 and the same data.key_info_path, or set loss.kd_alpha: 0")
+        self.entries: dict[tuple[str, str], TopkEntry] = {}
+        self.teachers: dict[str, str] = {}  # tokenizer fingerprint -> teacher
+        self.k: set[int] = set()
+        with open(index, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.endswith("\n"):
+                    break  # a torn last line of a killed job: Stage 1 cuts it off when it resumes
+                row = json.loads(line)
+                self.teachers.setdefault(row["tokenizer"], row["teacher"])
+                self.k.add(row["k"])
+                for task, place in row["tasks"].items():
+                    self.entries[(row["id"], task)] = TopkEntry(str(self.folder / row["file"]), place["offset"],
+                                                                place["tokens"], row["k"], place["sequence"])
+        if len(self.teachers) > 1 or len(self.k) > 1:
+            raise TopkStoreError(f"{index}: holds distributions of several tokenizers {self.teachers} or top-k sizes "
+                                 f"{sorted(self.k)}; Stage 2 needs one: give each teacher its own data.key_info_path")
+
+    def check_tokenizer(self, tokenizer, student: str) -> None:
+        """Refuse a student whose tokenizer is not the teacher's: the stored ids would mean other tokens."""
+        mine = tokenizer_fingerprint(tokenizer)
+        for theirs, teacher in self.teachers.items():
+            if theirs != mine:
+                raise TopkStoreError(
+                    f"{self.folder}: the teacher's top-k were written with the tokenizer of {teacher} (fingerprint "
+                    f"{theirs}), but the student {student} has another tokenizer (fingerprint {mine}); token-level "
+                    "distillation needs a student with the teacher's vocabulary (cross-tokenizer KD is not supported): "
+                    "pick such a student (e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-72B-Instruct) or set loss.kd_alpha: 0")
+
+    def lookup(self, record_id: str, task: str, input_ids: list[int], answer_tokens: int) -> TopkEntry | None:
+        """The entry of this encoded example, None when Stage 1 wrote none; an entry computed on another
+        token sequence is an error (another prompt, chat template or train.max_length than Stage 1's)."""
+        entry = self.entries.get((record_id, task))
+        if entry is None:
+            return None
+        if entry.sequence != sequence_fingerprint(input_ids) or entry.tokens != answer_tokens:
+            raise TopkStoreError(
+                f"{self.folder}: the teacher's distributions for report {record_id!r} ({task}) were computed on "
+                "another token sequence than the one Stage 2 trains on (a different prompt version, chat template, "
+                "train.max_length, key information or prepared data than Stage 1 used); rerun Stage 1 with this "
+                "config into a fresh data.key_info_path, or set loss.kd_alpha: 0")
+        return entry

@@ -1,0 +1,144 @@
+"""Stage 1, second pass: the teacher's top-k next-token distributions for token-level distillation.
+
+For every training report that has its key-information record, the teacher scores by prefill the two
+sequences Stage 2 will train on (distil.tokenization.encode_example with train.max_length): the
+summarization example (its gold summary) and, when the record is usable (status ok), the extraction
+example (its own key information). Its top-k (teacher.topk_logprobs) over each answer token go to
+the store beside the ledger (distil/teacher_topk.py): arrays first, fsync'd, then the index line,
+through a Ledger, so a rerun skips what is stored and never writes a report twice. Prefill, not the
+log-probs of the generation: the stored rows then match Stage 2's token sequence exactly, even where
+the generated text does not re-tokenize to the generated ids, and the gold summary needs one anyway.
+Only the train split: Stage 2 trains on nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distil.config import ExperimentConfig
+from distil.data import read_jsonl
+from distil.prompts import PROMPT_VERSION
+from distil.teacher_topk import INDEX, sequence_fingerprint, store_dir, to_bytes, tokenizer_fingerprint
+from distil.tokenization import IGNORE, encode_example
+from teacher_serving.annotate import drive
+from teacher_serving.ledger import Ledger, key_of, record_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreJob:
+    """One report's sequences on their way through the teacher."""
+    record: dict
+    sequences: dict[str, dict]  # task -> {prompt_token_ids, first}
+    engine_failures: int = 0
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def score_key(cfg: ExperimentConfig, sampling: dict) -> dict:
+    """What makes two stored distributions of a report the same: the annotation's key, k and the length cut."""
+    return {**sampling, "topk": cfg.teacher.topk_logprobs, "max_length": cfg.train.max_length}
+
+
+def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str], tokenizer,
+               sampling: dict) -> tuple[list[ScoreJob], Counter]:
+    """A job per train report of teacher.splits with this teacher's annotation and no stored distributions."""
+    t = cfg.teacher
+    mine = {r["id"]: r for r in annotations if key_of(r) == record_key(r["id"], t.model, PROMPT_VERSION, sampling)}
+    records = read_jsonl(Path(cfg.data.prepared_dir) / "train.jsonl") if "train" in t.splits else []
+    key = score_key(cfg, sampling)
+    jobs, counts = [], Counter()
+    for record in records:
+        if record["id"] not in mine or record_key(record["id"], t.model, PROMPT_VERSION, key) in done:
+            continue
+        answers = {"summarize": record["summary"]}
+        annotation = mine[record["id"]]
+        if annotation["status"] == "ok" and (annotation.get("key_info") or "").strip():
+            answers["extract"] = annotation["key_info"]
+        job = ScoreJob(record, {})
+        for task, answer in answers.items():
+            example = encode_example(tokenizer, {"id": record["id"], "lang": record["lang"], "report": record["report"],
+                                                 "task": task, "answer": answer}, cfg.train.max_length)
+            if example is None or len(example["input_ids"]) >= t.max_model_len:  # the engine adds one token
+                counts["too_long"] += 1
+                continue
+            first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
+            job.sequences[task] = {"prompt_token_ids": example["input_ids"], "first": first}
+            job.fingerprints[task] = sequence_fingerprint(example["input_ids"])
+        if job.sequences:
+            jobs.append(job)
+    return jobs, counts
+
+
+class TopkWriter:
+    """Appends arrays to a new part file and index lines to the store's index (see distil/teacher_topk.py)."""
+
+    def __init__(self, folder: Path, teacher: str, tokenizer_id: str, key: dict):
+        self.folder, self.teacher, self.tokenizer_id, self.key = folder, teacher, tokenizer_id, key
+        folder.mkdir(parents=True, exist_ok=True)
+        self.index = Ledger(folder / INDEX)  # also the lock: one writer per store
+        self.part = folder / f"part-{len(list(folder.glob('part-*.bin'))):05d}.bin"
+        self._file = None
+        self.bytes = 0
+
+    def append(self, scored: list[tuple[ScoreJob, dict]]) -> None:
+        if self._file is None:
+            self._file = open(self.part, "ab")
+        lines = []
+        for job, arrays in scored:
+            tasks = {}
+            for task, (ids, log_probs) in arrays.items():
+                data = to_bytes(ids, log_probs)
+                tasks[task] = {"offset": self._file.tell(), "tokens": len(ids), "sequence": job.fingerprints[task]}
+                self._file.write(data)
+                self.bytes += len(data)
+            lines.append({"id": job.record["id"], "teacher": self.teacher, "prompt_version": PROMPT_VERSION,
+                          "sampling": self.key, "tokenizer": self.tokenizer_id, "k": self.key["topk"],
+                          "file": self.part.name, "tasks": tasks})
+        self._file.flush()
+        os.fsync(self._file.fileno())  # the arrays are on disk before any line points at them
+        self.index.append(lines)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.index.close()
+
+
+def score(cfg: ExperimentConfig, get_pool, annotations: list[dict], tokenizer, sampling: dict) -> dict:
+    """Store the teacher's top-k for every train report still without them (`get_pool()` starts the
+    replicas if the generation pass did not); the counts and the storage of this pass."""
+    t = cfg.teacher
+    folder = store_dir(cfg.data.key_info_path)
+    writer = TopkWriter(folder, t.model, tokenizer_fingerprint(tokenizer), score_key(cfg, sampling))
+    try:
+        jobs, counts = score_jobs(cfg, annotations, writer.index.done, tokenizer, sampling)
+        log.info("teacher top-k (k=%d): %d report(s) to score, %d already in %s", t.topk_logprobs, len(jobs),
+                 len(writer.index.records), folder)
+        if counts["too_long"]:
+            log.warning("%d sequence(s) of train.max_length do not fit teacher.max_model_len=%d: no top-k for them "
+                        "(raise teacher.max_model_len above train.max_length)", counts["too_long"], t.max_model_len)
+        tokens = 0
+
+        def accept(answered: list[tuple[ScoreJob, dict]]) -> list:
+            nonlocal tokens
+            writer.append(answered)
+            tokens += sum(len(ids) for _, arrays in answered for ids, _ in arrays.values())
+            counts["scored"] += len(answered)
+            return []
+
+        pool = get_pool() if jobs else None
+        started = time.perf_counter()  # first request to last write: no engine start or stop
+        if jobs:
+            request = lambda job: {"kind": "score", "topk": t.topk_logprobs, "sequences": job.sequences}  # noqa: E731
+            counts += drive(pool, jobs, request, accept, t.max_attempts)
+        return {"reports": counts["scored"], "failed": counts["failed"], "too_long": counts["too_long"],
+                "answer_tokens": tokens, "bytes": writer.bytes, "seconds": round(time.perf_counter() - started, 3),
+                "bytes_per_token": round(writer.bytes / tokens, 1) if tokens else None}
+    finally:
+        writer.close()
