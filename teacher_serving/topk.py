@@ -84,9 +84,10 @@ class TopkWriter:
         self.index = Ledger(folder / INDEX)  # also the lock: one writer per store
         self.part = folder / f"part-{len(list(folder.glob('part-*.bin'))):05d}.bin"
         self._file = None
-        self.bytes = 0
+        self.bytes, self.write_s = 0, 0.0
 
     def append(self, scored: list[tuple[ScoreJob, dict]]) -> None:
+        started = time.perf_counter()
         if self._file is None:
             self._file = open(self.part, "ab")
         lines = []
@@ -103,6 +104,7 @@ class TopkWriter:
         self._file.flush()
         os.fsync(self._file.fileno())  # the arrays are on disk before any line points at them
         self.index.append(lines)
+        self.write_s += time.perf_counter() - started
 
     def close(self) -> None:
         if self._file is not None:
@@ -139,6 +141,7 @@ def score(cfg: ExperimentConfig, get_pool, annotations: list[dict], tokenizer, s
             counts += drive(pool, jobs, request, accept, t.max_attempts)
         return {"reports": counts["scored"], "failed": counts["failed"], "too_long": counts["too_long"],
                 "answer_tokens": tokens, "bytes": writer.bytes, "seconds": round(time.perf_counter() - started, 3),
+                "write_seconds": round(writer.write_s, 3),
                 "bytes_per_token": round(writer.bytes / tokens, 1) if tokens else None}
     finally:
         writer.close()

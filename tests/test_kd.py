@@ -92,6 +92,27 @@ def test_identical_distributions_diverge_by_zero_and_chunks_change_nothing():
     assert generalized_jsd(top.values.log_softmax(-1), top.values.log_softmax(-1), 0.5).abs().max() < 1e-6
 
 
+def test_the_kd_term_keeps_one_chunk_of_fp32_logits_for_backward():
+    """Memory-lean like the cross-entropy: what autograd keeps from the fp32 work is one chunk at a time
+    (checkpointed), never an fp32 copy of all [labelled tokens, vocab]."""
+    torch.manual_seed(0)
+    tokens, vocab, chunk = 64, 500, 8
+    logits = torch.randn(tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    top = logits.detach().float().log_softmax(-1).topk(5)
+    kept = []
+
+    def pack(t):
+        if t.dtype == torch.float32:
+            kept.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kd = chunked(lambda z, i, lp: token_kd(z, i, lp, 0.5, 1.0), chunk, logits, top.indices, top.values)
+    kd.sum().backward()
+    assert sum(kept) <= chunk * vocab, kept  # without the checkpoint: tokens * vocab and more
+    assert torch.isfinite(logits.grad.float()).all()
+
+
 def test_teacher_ids_outside_the_student_vocabulary_are_refused():
     with pytest.raises(ValueError, match="outside the student's vocabulary of 4"):
         token_kd(torch.zeros(1, 4), torch.tensor([[1, 7]]), torch.tensor([[-1.0, -2.0]]), 0.5, 1.0)
