@@ -218,9 +218,51 @@ def summarize(ledger: Ledger, t: TeacherConfig) -> dict:
             "grounding": summarize_grounding(mine, t.grounding_threshold)}
 
 
-def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: bool = True) -> dict:
-    """Annotate every pending report of teacher.splits into data.key_info_path; returns the summary."""
+def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict], tokenizer, get_pool,
+                     show_progress: bool) -> dict:
+    """The key information of `pending` into the ledger (`get_pool()` starts the replicas); this pass's counts."""
     from tqdm import tqdm
+
+    t = cfg.teacher
+    counts: Counter = Counter()
+    tokens, seconds, items = 0, 0.0, []
+    if pending:
+        items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens)
+        too_long = [i for i in items if i.report_tokens_dropped]
+        if t.too_long == "skip":
+            impossible += [i.record for i in too_long]
+            items = [i for i in items if not i.report_tokens_dropped]
+        elif too_long:
+            log.info("%d report(s) cut to fit max_model_len - max_new_tokens = %d tokens (teacher.too_long)",
+                     len(too_long), t.max_model_len - t.max_new_tokens)
+        skipped = [ledger_record(Item(r, []), t, "skipped_too_long", None) for r in impossible]
+        ledger.append(skipped)
+        counts.update(r["status"] for r in skipped)
+    if items:
+        pool = get_pool()
+        bar = tqdm(total=len(items), unit="report", disable=not show_progress, mininterval=2.0)
+        started = time.perf_counter()
+
+        def progress(final: list[dict]) -> None:
+            nonlocal tokens
+            tokens += sum(r["completion_tokens"] or 0 for r in final)
+            bar.update(len(final))
+            bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+
+        try:
+            counts += run(pool, items, t, ledger, progress)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - started  # first request to last answer: no engine start or stop
+    done = sum(n for s, n in counts.items() if s != "failed")
+    return {"annotated": done, "failed": counts.get("failed", 0), "seconds": round(seconds, 3),
+            "reports_per_s": round(done / seconds, 3) if done and seconds else None,
+            "completion_tokens_per_s": round(tokens / seconds, 1) if done and seconds else None}
+
+
+def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: bool = True) -> dict:
+    """Annotate every pending report of teacher.splits into data.key_info_path, then (teacher.topk_logprobs)
+    store the teacher's top-k for the train reports; returns the summary."""
     from transformers import AutoTokenizer
 
     t = cfg.teacher
@@ -229,7 +271,7 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
                          "(e.g. data.key_info_path=runs/key_info.jsonl)")
     pool = None
 
-    def get_pool():
+    def get_pool():  # started once, by the first pass that has work for it
         nonlocal pool
         pool = pool or make_pool(cfg)
         return pool
@@ -238,44 +280,10 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
         pending, total = load_pending(cfg, ledger, limit)
         log.info("%d reports in %s, %d already in %s, %d to annotate", total, t.splits, total - len(pending),
                  ledger.path, len(pending))
-        counts: Counter = Counter()
-        tokens, seconds = 0, 0.0
         tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model) if pending or t.topk_logprobs else None
         try:
-            if pending:
-                items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens)
-                too_long = [i for i in items if i.report_tokens_dropped]
-                if t.too_long == "skip":
-                    impossible += [i.record for i in too_long]
-                    items = [i for i in items if not i.report_tokens_dropped]
-                elif too_long:
-                    log.info("%d report(s) cut to fit max_model_len - max_new_tokens = %d tokens (teacher.too_long)",
-                             len(too_long), t.max_model_len - t.max_new_tokens)
-                skipped = [ledger_record(Item(r, []), t, "skipped_too_long", None) for r in impossible]
-                ledger.append(skipped)
-                counts.update(r["status"] for r in skipped)
-                if items:
-                    get_pool()
-                bar = tqdm(total=len(items), unit="report", disable=not show_progress, mininterval=2.0)
-                started = time.perf_counter()
-
-                def progress(final: list[dict]) -> None:
-                    nonlocal tokens
-                    tokens += sum(r["completion_tokens"] or 0 for r in final)
-                    bar.update(len(final))
-                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
-
-                try:
-                    if items:
-                        counts += run(pool, items, t, ledger, progress)
-                    seconds = time.perf_counter() - started  # first request to last answer: no engine start or stop
-                finally:
-                    bar.close()
-            done = sum(n for s, n in counts.items() if s != "failed")
-            summary = summarize(ledger, t)
-            summary["this_run"] = {"annotated": done, "failed": counts.get("failed", 0), "seconds": round(seconds, 3),
-                                   "reports_per_s": round(done / seconds, 3) if done and seconds else None,
-                                   "completion_tokens_per_s": round(tokens / seconds, 1) if done and seconds else None}
+            this_run = annotate_pending(cfg, ledger, pending, tokenizer, get_pool, show_progress)
+            summary = {**summarize(ledger, t), "this_run": this_run}
             if t.topk_logprobs:  # the second pass: distributions for token-level distillation
                 from teacher_serving.topk import score
 
