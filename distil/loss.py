@@ -59,19 +59,19 @@ def task_sums(values: torch.Tensor, token_task: torch.Tensor) -> torch.Tensor:
     return torch.stack([values[token_task == SUMMARIZE].sum(), values[token_task == EXTRACT].sum()])
 
 
-def distil_loss(token_ce: torch.Tensor, token_task: torch.Tensor, gamma: float,
+def distil_loss(token_loss: torch.Tensor, token_task: torch.Tensor, gamma: float,
                 step_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of gamma * L_sum + (1 - gamma) * L_ext.
 
-    token_ce:    [N] fp32 loss of the labelled tokens of this micro-batch: the cross-entropy, plus
+    token_loss:  [N] fp32 loss of the labelled tokens of this micro-batch: the cross-entropy, plus
                  kd_alpha * the KD divergence where the teacher's top-k are used (the KD term is then
                  normalized, and weighted per task, exactly like the cross-entropy)
     token_task:  [N] task of each token (SUMMARIZE or EXTRACT)
     step_counts: [2] labelled tokens per task over the whole optimizer step (all micro-batches,
                  all ranks). A task with no token in the step contributes 0, never NaN.
-    Returns (loss, per-task sums of token_ce [2], for logging).
+    Returns (loss, per-task sums of token_loss [2], for logging).
     """
-    sums = task_sums(token_ce, token_task)
+    sums = task_sums(token_loss, token_task)
     weights = torch.tensor([gamma, 1.0 - gamma], dtype=sums.dtype, device=sums.device)
     denominators = step_counts.to(sums.device, sums.dtype).clamp(min=1.0)
     return (weights * sums / denominators).sum(), sums.detach()
