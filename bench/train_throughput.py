@@ -44,7 +44,7 @@ from distil.kd_loss import KDTerm
 from distil.loss import task_token_counts
 from distil.packing import collate_packed, pack_best_fit
 from distil.tiny import train_tokenizer
-from distil.tokenization import IGNORE, encode_example
+from distil.tokenization import IGNORE, answer_length, encode_example
 from distil.trainer import packed_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def attach_teacher_topk(model, tokenizer, examples: list[dict], k: int, folder: 
 
     writer = TopkWriter(folder, "bench", tokenizer_fingerprint(tokenizer), {"topk": k})
     for i, ex in enumerate(examples):
-        n = sum(t != IGNORE for t in ex["labels"])
+        n = answer_length(ex["labels"])
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).logits[0, -n - 1:-1]
         top = logits.float().log_softmax(-1).topk(k)
@@ -142,8 +142,7 @@ def attach_teacher_topk(model, tokenizer, examples: list[dict], k: int, folder: 
     writer.close()
     store = TopkStore(folder)
     for i, ex in enumerate(examples):
-        ex["teacher_topk"] = store.lookup(f"{ex['id']}#{i}", ex["task"], ex["input_ids"],
-                                          sum(t != IGNORE for t in ex["labels"]))
+        ex["teacher_topk"] = store.lookup(dict(ex, id=f"{ex['id']}#{i}"))
 
 
 def run_ours(model, examples: list[dict], pack_length: int, kd: KDTerm | None = None) -> dict:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from distil.data import load_key_info, read_jsonl, training_examples
 from distil.packing import pack_best_fit
 from distil.teacher_topk import TopkStore, store_dir
-from distil.tokenization import IGNORE, encode_example
+from distil.tokenization import answer_length, encode_example
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
     kept = [e for e in encoded if e is not None]
     if topk is not None:
         for e in kept:
-            e["teacher_topk"] = topk.lookup(e["id"], e["task"], e["input_ids"], sum(t != IGNORE for t in e["labels"]))
+            e["teacher_topk"] = topk.lookup(e)
     rows = [[kept[i] for i in row] for row in pack_best_fit([len(e["input_ids"]) for e in kept], pack_length)]
     tokens = sum(len(e["input_ids"]) for e in kept)
     stats = PackingStats(
         reports=counts["reports"], examples=len(kept), extract_examples=sum(e["task"] == "extract" for e in kept),
         missing_key_info=counts["missing_key_info"], truncated=sum(e["truncated"] for e in kept),
         dropped_answer_too_long=len(encoded) - len(kept), rows=len(rows), tokens=tokens,
-        labelled_tokens=sum(sum(t != -100 for t in e["labels"]) for e in kept),
+        labelled_tokens=sum(answer_length(e["labels"]) for e in kept),
         row_fill=tokens / max(1, len(rows) * pack_length),
         teacher_topk=sum(e.get("teacher_topk") is not None for e in kept),
         missing_teacher_topk=sum(e.get("teacher_topk") is None for e in kept) if topk is not None else 0,

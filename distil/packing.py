@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from distil.tokenization import IGNORE
+from distil.tokenization import IGNORE, answer_length
 
 TASK_IDS = {"summarize": 0, "extract": 1}
 
@@ -82,7 +82,7 @@ def teacher_rows(examples: list[dict]) -> dict:
     k = next(ex["teacher_topk"].k for ex in examples if ex.get("teacher_topk"))
     ids, log_probs, mask = [], [], []
     for ex in examples:
-        n = sum(label != IGNORE for label in ex["labels"])
+        n = answer_length(ex["labels"])
         entry = ex.get("teacher_topk")
         if entry is not None:
             a, b = entry.read()

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distil.tokenization import answer_length
+
 INDEX = "index.jsonl"
 ID_DTYPE, LOGPROB_DTYPE = np.dtype("<i4"), np.dtype("<f2")
 
@@ -120,13 +122,15 @@ class TopkStore:
                     "distillation needs a student with the teacher's vocabulary (cross-tokenizer KD is not supported): "
                     "pick such a student (e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-72B-Instruct) or set loss.kd_alpha: 0")
 
-    def lookup(self, record_id: str, task: str, input_ids: list[int], answer_tokens: int) -> TopkEntry | None:
-        """The entry of this encoded example, None when Stage 1 wrote none; an entry computed on another
-        token sequence is an error (another prompt, chat template or train.max_length than Stage 1's)."""
+    def lookup(self, example: dict) -> TopkEntry | None:
+        """The entry of an encoded example (distil.tokenization.encode_example), None when Stage 1 wrote
+        none; an entry computed on another token sequence is an error (another prompt, chat template or
+        train.max_length than Stage 1's)."""
+        record_id, task = example["id"], example["task"]
         entry = self.entries.get((record_id, task))
         if entry is None:
             return None
-        if entry.sequence != sequence_fingerprint(input_ids) or entry.tokens != answer_tokens:
+        if entry.sequence != sequence_fingerprint(example["input_ids"]) or entry.tokens != answer_length(example["labels"]):
             raise TopkStoreError(
                 f"{self.folder}: the teacher's distributions for report {record_id!r} ({task}) were computed on "
                 "another token sequence than the one Stage 2 trains on (a different prompt version, chat template, "

@@ -36,6 +36,11 @@ def answer_ids(tokenizer, task: str, lang: str, answer: str) -> list[int]:
     return ids[: end + 1]
 
 
+def answer_length(labels: list[int]) -> int:
+    """Tokens of an encoded example that carry a label: its answer through end-of-turn."""
+    return sum(label != IGNORE for label in labels)
+
+
 def assistant_labels(prompt_len: int, answer_ids: list[int]) -> list[int]:
     """IGNORE over the prompt, the token ids over the answer (through end-of-turn)."""
     return [IGNORE] * prompt_len + list(answer_ids)

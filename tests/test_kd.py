@@ -161,8 +161,7 @@ def test_store_rows_line_up_with_the_labelled_positions_of_packed_rows(tmp_path,
     _write_store(tmp_path / "s.topk", tokenizer, examples[1:])  # the first example has no entry
     store = TopkStore(tmp_path / "s.topk")
     store.check_tokenizer(tokenizer, "student")
-    rows = [[dict(ex, teacher_topk=store.lookup(ex["id"], ex["task"], ex["input_ids"],
-                                                 sum(t != -100 for t in ex["labels"]))) for ex in examples]]
+    rows = [[dict(ex, teacher_topk=store.lookup(ex)) for ex in examples]]
     assert rows[0][0]["teacher_topk"] is None and all(ex["teacher_topk"] for ex in rows[0][1:])
     batch = collate_packed(rows)
     targets = batch["target_ids"][0]
@@ -191,11 +190,11 @@ def test_store_survives_a_killed_writer_and_checks_what_it_serves(tmp_path, enco
     store = TopkStore(folder)
     assert len(store.entries) == len(examples)
     ex = examples[2]
-    entry = store.lookup(ex["id"], ex["task"], ex["input_ids"], sum(t != -100 for t in ex["labels"]))
+    entry = store.lookup(ex)
     ids, log_probs = entry.read()
     assert ids.dtype == np.int32 and log_probs.dtype == np.float16 and ids.shape == (entry.tokens, 4)
     with pytest.raises(TopkStoreError, match=f"report {ex['id']!r} \\({ex['task']}\\) were computed on another token"):
-        store.lookup(ex["id"], ex["task"], ex["input_ids"][:-1] + [7], entry.tokens)
+        store.lookup(dict(ex, input_ids=ex["input_ids"][:-1] + [7]))
     other = make_tiny_model(tmp_path / "other", ["a different tokenizer", "trained on other text"], seed=0)
     with pytest.raises(TopkStoreError, match="tokenizer of teacher-x .* but the student /st has another tokenizer"):
         store.check_tokenizer(AutoTokenizer.from_pretrained(other), "/st")
@@ -232,7 +231,7 @@ def stage1(tmp_path_factory, prepared_dir, lively_model):
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
         again = subprocess.run(submit, capture_output=True, text=True, timeout=540, env=ray_env())
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    return tmp, prepared, ledger, first.stdout + first.stderr, again.stdout + again.stderr
+    return prepared, ledger, again.stdout + again.stderr
 
 
 @pytest.mark.timeout(900)
@@ -241,7 +240,7 @@ def test_stage1_stores_the_teachers_top_k_once_per_report(stage1, lively_model):
 
     from distil.tokenization import encode_example
 
-    tmp, prepared, ledger, first, again = stage1
+    prepared, ledger, again = stage1
     index = read_jsonl(store_dir(ledger) / "index.jsonl")
     records = {r["id"]: r for r in read_jsonl(ledger)}
     train = read_jsonl(prepared / "train.jsonl")
@@ -259,7 +258,7 @@ def test_stage1_stores_the_teachers_top_k_once_per_report(stage1, lively_model):
     for record in train[:2]:
         ex = encode_example(tokenizer, {**record, "task": "summarize", "answer": record["summary"]}, 512)
         n = sum(t != -100 for t in ex["labels"])
-        ids, log_probs = store.lookup(record["id"], "summarize", ex["input_ids"], n).read()
+        ids, log_probs = store.lookup(ex).read()
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, -n - 1:-1]
         top = logits.log_softmax(-1).topk(8)
@@ -267,7 +266,7 @@ def test_stage1_stores_the_teachers_top_k_once_per_report(stage1, lively_model):
         assert np.abs(top.values.numpy() - log_probs.astype(np.float32)).max() < 2e-2
 
 
-def _train_config(tmp: Path, stage1_dir: Path, prepared: Path, ledger: Path, student: Path, name: str) -> Path:
+def _train_config(tmp: Path, prepared: Path, ledger: Path, student: Path, name: str) -> Path:
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"prepared_dir": str(prepared), "key_info_path": str(ledger)},
@@ -297,8 +296,8 @@ def _losses(out: Path) -> dict[int, dict]:
 
 @pytest.mark.timeout(900)
 def test_zero3_two_ranks_train_with_kd_and_resume_to_the_same_losses(stage1, tiny_model, tmp_path):
-    stage1_dir, prepared, ledger, _, _ = stage1
-    full = _train(_train_config(tmp_path, stage1_dir, prepared, ledger, tiny_model, "full"), 2)
+    prepared, ledger, _ = stage1
+    full = _train(_train_config(tmp_path, prepared, ledger, tiny_model, "full"), 2)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     uninterrupted = _losses(tmp_path / "full")
     assert sorted(uninterrupted) == [1, 2, 3, 4, 5]
@@ -306,7 +305,7 @@ def test_zero3_two_ranks_train_with_kd_and_resume_to_the_same_losses(stage1, tin
     # the tiny student starts far from the lively teacher: the KD term is a real share of the loss
     assert uninterrupted[1]["loss_kd"] > 0.05
 
-    config = _train_config(tmp_path, stage1_dir, prepared, ledger, tiny_model, "stopped")
+    config = _train_config(tmp_path, prepared, ledger, tiny_model, "stopped")
     stop = tmp_path / "stop"
     stop.touch()  # the pre-termination request: save at the first step end and stop
     first = _train(config, 2, stop)
@@ -326,10 +325,10 @@ def test_zero3_two_ranks_train_with_kd_and_resume_to_the_same_losses(stage1, tin
 def test_a_student_with_another_tokenizer_stops_before_its_first_step(stage1, lively_model, tmp_path):
     from distil.tiny import make_tiny_model
 
-    stage1_dir, prepared, ledger, _, _ = stage1
+    prepared, ledger, _ = stage1
     other = make_tiny_model(tmp_path / "other_tokenizer", [r["summary"] for r in read_jsonl(prepared / "train.jsonl")],
                             seed=0)
-    proc = _train(_train_config(tmp_path, stage1_dir, prepared, ledger, other, "run"), 1)
+    proc = _train(_train_config(tmp_path, prepared, ledger, other, "run"), 1)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"the tokenizer of {lively_model} (fingerprint" in proc.stderr
     assert f"but the student {other} has another tokenizer" in proc.stderr
