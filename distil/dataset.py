@@ -68,16 +68,21 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
 
 
 def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gamma: float,
-                    max_length: int, pack_length: int, kd: bool = False,
-                    student: str = "the student") -> tuple[PackedRows, PackingStats]:
-    """Packed rows of train.jsonl; with `kd`, each example carries the teacher's top-k that Stage 1
-    stored beside key_info_path (a student with another tokenizer is refused here, before any step)."""
+                    max_length: int, pack_length: int, kd: bool = False, student: str = "the student",
+                    annotation: dict | None = None) -> tuple[PackedRows, PackingStats]:
+    """Packed rows of train.jsonl; the extraction answers are the ledger records of `annotation`
+    (distil.teacher_config.annotation_key of the config's teacher). With `kd`, each example carries the
+    teacher's top-k that Stage 1 stored beside key_info_path (a student with another tokenizer is refused
+    here, before any step)."""
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
     if (gamma < 1.0 or kd) and key_info_path is None:
         raise ValueError("loss.gamma < 1 trains the extraction task and loss.kd_alpha > 0 distils the teacher's "
                          "top-k; both need data.key_info_path (the Stage 1 ledger; the top-k store lies beside it); "
                          "set it, or set loss.gamma: 1.0 and loss.kd_alpha: 0 for the summary-only baseline")
-    key_info = load_key_info(key_info_path) if gamma < 1.0 else {}
+    if gamma < 1.0 and annotation is None:
+        raise ValueError("load_train_rows: the extraction task needs the teacher's annotation key "
+                         "(distil.teacher_config.annotation_key(cfg.teacher))")
+    key_info = load_key_info(key_info_path, annotation) if gamma < 1.0 else {}
     topk = None
     if kd:
         topk = TopkStore(store_dir(key_info_path))

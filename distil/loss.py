@@ -1,4 +1,6 @@
-"""The distil-tuning loss: L = gamma * L_sum + (1 - gamma) * L_ext, in one forward pass.
+"""The distil-tuning loss: L = gamma * L_sum + (1 - gamma) * L_ext, in one forward pass. All of it
+is here: the trainer computes the per-token terms (cross-entropy, and the KD divergence of
+distil/kd_loss.py), gathers the step's token counts and calls `step_loss`.
 
 Each task's loss is the mean cross-entropy over its assistant tokens, where the token counts
 are those of the whole optimizer step (every micro-batch on every rank). A micro-batch then
@@ -16,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from distil.prompts import TASK_IDS
 from distil.tokenization import IGNORE
 
-SUMMARIZE, EXTRACT = 0, 1
+SUMMARIZE, EXTRACT = TASK_IDS["summarize"], TASK_IDS["extract"]
 
 
 def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -75,3 +78,22 @@ def distil_loss(token_loss: torch.Tensor, token_task: torch.Tensor, gamma: float
     weights = torch.tensor([gamma, 1.0 - gamma], dtype=sums.dtype, device=sums.device)
     denominators = step_counts.to(sums.device, sums.dtype).clamp(min=1.0)
     return (weights * sums / denominators).sum(), sums.detach()
+
+
+def step_loss(token_ce: torch.Tensor, token_kd: torch.Tensor | None, token_task: torch.Tensor, gamma: float,
+              kd_alpha: float, step_counts: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to backpropagate for one micro-batch, and its parts for the log.
+
+    token_ce:    [N] cross-entropy of the labelled tokens
+    token_kd:    [N] KD divergence from the teacher's top-k (0 where a token has none), or None (KD off);
+                 a token's loss is then ce + kd_alpha * kd
+    step_counts: [2] labelled tokens per task over the whole step, all ranks (see distil_loss)
+    world_size:  ranks averaging the gradients: DeepSpeed divides by it, while the counts already span
+                 every rank, so the loss is multiplied back
+    Returns (loss, parts [4]: cross-entropy summed per task [summarize, extract], then KD summed per task).
+    """
+    token_loss = token_ce if token_kd is None else token_ce + kd_alpha * token_kd
+    loss, _ = distil_loss(token_loss, token_task, gamma, step_counts)
+    kd_sums = task_sums(token_kd, token_task) if token_kd is not None else token_ce.new_zeros(2)
+    parts = torch.cat([task_sums(token_ce, token_task), kd_sums]).detach()
+    return loss * world_size, parts

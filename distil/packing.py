@@ -14,9 +14,8 @@ import math
 import numpy as np
 import torch
 
+from distil.prompts import TASK_IDS
 from distil.tokenization import IGNORE, answer_length
-
-TASK_IDS = {"summarize": 0, "extract": 1}
 
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -27,71 +27,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from distil.architecture import Architecture, PlanError
+
 GiB = 1024**3
-MODELS_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs" / "models"
 DS_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 BF16 = 2
 STATE_BYTES_SHARDED = 18   # 16-bit grads 2 + fp32 grads 4 + fp32 master weights 4 + Adam m, v 8
 OVERLAP_COMM_FACTOR = 4.5  # ZeRO-2 overlap_comm holds 4.5x its buckets (DeepSpeed/HF docs)
 STRATEGIES = ("zero2", "zero3", "zero3_offload")
-
-
-class PlanError(ValueError):
-    """A plan cannot be made from these inputs; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The numbers of a decoder-only transformer that decide its memory (Qwen2 layout)."""
-    name: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-
-def architecture_from_config(config: dict, name: str) -> Architecture:
-    """An Architecture from the fields of a Hugging Face config.json."""
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    missing = [k for k in keys if k not in config]
-    if missing:
-        raise PlanError(f"{name}: config.json lacks {missing}; the planner needs a decoder config like Qwen2's")
-    return Architecture(
-        name=name, hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-        num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
-        num_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        vocab_size=config["vocab_size"], tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=config.get("max_position_embeddings", 0))
-
-
-def bundled_models() -> list[str]:
-    return sorted(p.parent.name for p in MODELS_DIR.glob("*/config.json"))
-
-
-def load_architecture(name_or_path: str) -> Architecture:
-    """A bundled model by name ("Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"), a model folder or a config.json."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        short = name_or_path.split("/")[-1].removesuffix("-Instruct")
-        path = MODELS_DIR / short / "config.json"
-    if not path.is_file():
-        raise PlanError(f"unknown model {name_or_path!r}: not a folder with config.json, not a config.json, and "
-                        f"not bundled ({', '.join(bundled_models())}); pass the model's config.json")
-    return architecture_from_config(json.loads(path.read_text()), name_or_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,78 +260,3 @@ def plan_teacher(a: Architecture, context: int, nodes: int, gpus_per_node: int, 
         budget = max(0, int(free)) * tp
         options.append(TeacherOption(tp, weights, budget, budget // per_sequence, nodes * (gpus_per_node // tp)))
     return TeacherPlan(a, total, context, min_sequences, tuple(options))
-
-
-# ---------------------------------------------------------------------------------------------
-# The printed report.
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.1f}"
-
-
-def format_plan(student: StudentPlan, teacher: TeacherPlan, nodes: int, gpus_per_node: int,
-                gpu_memory_gib: float, teacher_nodes: int) -> str:
-    s, a = student, student.arch
-    lines = [
-        f"Student {a.name}: {s.total_params / 1e9:.2f} B parameters "
-        f"(largest layer {s.largest_layer_params / 1e6:.1f} M), "
-        f"{s.tokens} tokens per micro-batch, {nodes} node(s) x {gpus_per_node} GPU(s) x {gpu_memory_gib:g} GiB",
-        "",
-        "  per GPU, GiB            model states  activations  logits  buffers   total  fits",
-    ]
-    usable = s.options[0].usable
-    for o in s.options:
-        name = o.strategy + (" + ckpt" if o.checkpointing else "")
-        lines.append(f"  {name:<22} {_gib(o.states.gpu_bytes):>13} {_gib(o.activations):>12} {_gib(o.logits):>7} "
-                     f"{_gib(o.buffers):>8} {_gib(o.total):>7}  {'yes' if o.fits else 'no'}")
-    offload = next(o for o in s.options if o.strategy == "zero3_offload")
-    headroom = 1 - usable / (gpu_memory_gib * GiB)
-    lines += [f"  (usable per GPU: {_gib(usable)} GiB after {headroom:.0%} headroom; zero3_offload needs "
-              f"{_gib(offload.states.cpu_bytes)} GiB of CPU memory per node; "
-              f"logits: {s.labelled_tokens} labelled tokens)",
-              ""]
-    t = teacher
-    lines.append(f"Teacher {t.arch.name}: {t.total_params / 1e9:.2f} B parameters, "
-                 f"{_gib(kv_bytes_per_token(t.arch) * t.context)}"
-                 f" GiB of KV cache per {t.context}-token sequence, {teacher_nodes} node(s) x {gpus_per_node} GPU(s)")
-    lines.append("  TP  weights/GPU GiB  KV budget/replica GiB  sequences  replicas")
-    for o in t.options:
-        mark = "" if o.fits(t.min_sequences) else f"  (< {t.min_sequences} sequences)"
-        lines.append(f"  {o.tensor_parallel_size:>2} {_gib(o.weights_per_gpu):>16} {_gib(o.kv_budget_per_replica):>22} "
-                     f"{o.sequences:>10} {o.replicas:>9}{mark}")
-    lines.append("")
-    lines += recommendation(student, teacher, nodes, gpus_per_node, teacher_nodes)
-    return "\n".join(lines)
-
-
-def recommendation(student: StudentPlan, teacher: TeacherPlan, nodes: int, gpus_per_node: int,
-                   teacher_nodes: int) -> list[str]:
-    """The YAML and sbatch lines to use, or what to change when nothing fits."""
-    best, tbest = student.recommended, teacher.recommended
-    lines = ["Recommended:"]
-    if best is None:
-        lines.append(f"  student: nothing fits {student.tokens} tokens on {nodes} x {gpus_per_node} GPUs; "
-                     "add nodes, use GPUs with more memory or lower train.pack_length")
-    else:
-        lines.append(f"  student: ds_configs/{best.strategy}.json"
-                     f"{' with gradient checkpointing' if best.checkpointing else ''} ({_gib(best.total)} GiB per GPU)")
-    if tbest is None:
-        lines.append(f"  teacher: no tensor-parallel size holds {teacher.min_sequences} sequences of {teacher.context} "
-                     "tokens; lower teacher.max_model_len or use GPUs with more memory")
-    else:
-        lines.append(f"  teacher: TP {tbest.tensor_parallel_size}, {tbest.replicas} replica(s) of "
-                     f"{tbest.sequences} concurrent {teacher.context}-token sequences")
-    lines += ["", "  # experiment YAML"]
-    if best is not None:
-        lines += ["  model:", f"    gradient_checkpointing: {str(best.checkpointing).lower()}",
-                  "  train:", f"    deepspeed: ds_configs/{best.strategy}.json", f"    pack_length: {student.tokens}"]
-    if tbest is not None:
-        lines += ["  teacher:", f"    tensor_parallel_size: {tbest.tensor_parallel_size}",
-                  f"    max_model_len: {teacher.context}"]
-    lines += ["  slurm:", f"    gpus_per_node: {gpus_per_node}", f"    stage1_nodes: {teacher_nodes}",
-              f"    stage2_nodes: {nodes}", "",
-              "  # sbatch (slurm/pipeline.sh CONFIG passes these from the YAML)",
-              f"  sbatch --nodes={teacher_nodes} --gpus-per-node={gpus_per_node} slurm/stage1.sbatch CONFIG",
-              f"  sbatch --nodes={nodes} --gpus-per-node={gpus_per_node} slurm/stage2.sbatch CONFIG"]
-    return lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 PROMPT_VERSION = "v1"
 
 TASKS = ("summarize", "extract")
+TASK_IDS = {task: i for i, task in enumerate(TASKS)}  # the task id of every token in a packed row
 
 SYSTEM_PROMPTS: dict[str, dict[str, str]] = {
     "summarize": {

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distil.ledger import read_ledger
 from distil.tokenization import answer_length
 
 INDEX = "index.jsonl"
@@ -97,16 +98,12 @@ class TopkStore:
         self.entries: dict[tuple[str, str], TopkEntry] = {}
         self.teachers: dict[str, str] = {}  # tokenizer fingerprint -> teacher
         self.k: set[int] = set()
-        with open(index, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.endswith("\n"):
-                    break  # a torn last line of a killed job: Stage 1 cuts it off when it resumes
-                row = json.loads(line)
-                self.teachers.setdefault(row["tokenizer"], row["teacher"])
-                self.k.add(row["k"])
-                for task, place in row["tasks"].items():
-                    self.entries[(row["id"], task)] = TopkEntry(str(self.folder / row["file"]), place["offset"],
-                                                                place["tokens"], row["k"], place["sequence"])
+        for row in read_ledger(index):  # a torn last line of a killed job is skipped (Stage 1 cuts it on resume)
+            self.teachers.setdefault(row["tokenizer"], row["teacher"])
+            self.k.add(row["k"])
+            for task, place in row["tasks"].items():
+                self.entries[(row["id"], task)] = TopkEntry(str(self.folder / row["file"]), place["offset"],
+                                                            place["tokens"], row["k"], place["sequence"])
         if len(self.teachers) > 1 or len(self.k) > 1:
             raise TopkStoreError(f"{index}: holds distributions of several tokenizers {self.teachers} or top-k sizes "
                                  f"{sorted(self.k)}; Stage 2 needs one: give each teacher its own data.key_info_path")

@@ -27,9 +27,10 @@ from distil.checkpoints import FinishedRunError, finished_run_message, latest_co
 from distil.config import ExperimentConfig, dump_config
 from distil.dataset import load_train_rows
 from distil.kd_loss import KDTerm, token_kd
-from distil.loss import chunked, chunked_cross_entropy, distil_loss, task_sums, task_token_counts
+from distil.loss import chunked, chunked_cross_entropy, step_loss, task_token_counts
 from distil.packing import collate_packed
 from distil.preemption import SaveAndStopCallback
+from distil.teacher_config import annotation_key
 from distil.tokenization import IGNORE
 
 log = logging.getLogger(__name__)
@@ -38,30 +39,28 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def packed_loss(model, batch: dict, gamma: float, step_counts: torch.Tensor, chunk_tokens: int,
-                kd: KDTerm | None = None):
-    """One forward over a packed micro-batch -> (its share of the step loss, sums [4], outputs).
+                kd: KDTerm | None = None, world_size: int = 1):
+    """One forward over a packed micro-batch -> (its share of the step loss, parts [4], outputs).
 
-    sums: cross-entropy summed per task [summarize, extract], then the KD divergence summed per task
-    (0 without KD), for logging. Only positions that carry a label go through lm_head
-    (`logits_to_keep`), so the logits are [labelled tokens, vocab], never [all tokens, vocab];
-    lm_head runs inside the model's own forward, which keeps ZeRO-3's parameter gathering intact.
-    The fp32 work on them (cross-entropy, KD) goes a chunk of positions at a time.
+    Only positions that carry a label go through lm_head (`logits_to_keep`), so the logits are
+    [labelled tokens, vocab], never [all tokens, vocab]; lm_head runs inside the model's own forward,
+    which keeps ZeRO-3's parameter gathering intact. The fp32 work on them (cross-entropy, KD) goes a
+    chunk of positions at a time; the loss itself is distil.loss.step_loss.
     """
     targets, tasks = batch["target_ids"][0], batch["task_ids"][0]
     labelled = (targets != IGNORE).nonzero().squeeze(1)
     outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     logits_to_keep=labelled, use_cache=False)
     logits = outputs.logits[0]
-    token_loss = token_ce = chunked_cross_entropy(logits, targets[labelled], chunk_tokens)
-    token_kd_masked = torch.zeros_like(token_ce)
+    token_ce = chunked_cross_entropy(logits, targets[labelled], chunk_tokens)
+    kd_per_token = None
     if kd is not None and kd.alpha > 0 and "teacher_ids" in batch:
         divergence = chunked(lambda z, i, lp: token_kd(z, i, lp, kd.beta, kd.temperature), chunk_tokens,
                              logits, batch["teacher_ids"][0], batch["teacher_log_probs"][0])
-        token_kd_masked = divergence * batch["teacher_mask"][0].to(divergence.dtype)
-        token_loss = token_ce + kd.alpha * token_kd_masked
-    loss, _ = distil_loss(token_loss, tasks[labelled], gamma, step_counts)
-    sums = torch.cat([task_sums(token_ce, tasks[labelled]), task_sums(token_kd_masked, tasks[labelled])]).detach()
-    return loss + 0.0 * logits.sum(), sums, outputs  # 0*sum keeps the graph when nothing is labelled
+        kd_per_token = divergence * batch["teacher_mask"][0].to(divergence.dtype)
+    loss, parts = step_loss(token_ce, kd_per_token, tasks[labelled], gamma, kd.alpha if kd else 0.0, step_counts,
+                            world_size)
+    return loss + 0.0 * logits.sum(), parts, outputs  # 0*sum keeps the graph when nothing is labelled
 
 
 class DistilTrainer(Trainer):
@@ -105,9 +104,8 @@ class DistilTrainer(Trainer):
         step_counts = num_items_in_batch
         if step_counts is None:  # outside the training loop (e.g. evaluate): this micro-batch alone
             step_counts = task_token_counts(inputs["target_ids"], inputs["task_ids"])
-        loss, sums, outputs = packed_loss(model, inputs, self.gamma, step_counts, self.lm_head_chunk_tokens, self.kd)
-        # The counts span all ranks while DeepSpeed averages gradients over ranks: undo the average.
-        loss = loss * self.accelerator.num_processes
+        loss, sums, outputs = packed_loss(model, inputs, self.gamma, step_counts, self.lm_head_chunk_tokens, self.kd,
+                                          world_size=self.accelerator.num_processes)
         if model.training:
             self._record(inputs, sums)
         return (loss, outputs) if return_outputs else loss
@@ -199,7 +197,8 @@ def training_arguments(cfg: ExperimentConfig, on_cpu: bool) -> TrainingArguments
     return TrainingArguments(
         output_dir=t.output_dir, deepspeed=t.deepspeed, use_cpu=on_cpu,
         per_device_train_batch_size=t.micro_batch_rows, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a share of the steps (warmup_ratio is gone)
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, num_train_epochs=t.num_epochs,
         max_steps=t.max_steps, bf16=t.precision == "bf16", fp16=t.precision == "fp16", seed=t.seed,
         data_seed=t.seed, logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
@@ -229,7 +228,7 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     kd = KDTerm(cfg.loss.kd_alpha, cfg.loss.kd_beta, cfg.loss.kd_temperature) if cfg.loss.kd_alpha > 0 else None
     rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
                               cfg.train.max_length, cfg.train.pack_length, kd=kd is not None,
-                              student=cfg.model.name_or_path)
+                              student=cfg.model.name_or_path, annotation=annotation_key(cfg.teacher))
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, dtype=DTYPES[cfg.train.precision], attn_implementation=backend.attn_implementation)
     config_text = dump_config(cfg)
@@ -252,7 +251,8 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     if args.process_index == 0:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.train.output_dir) / "experiment.yaml").write_text(config_text)
-        log.info("resolved config:\n%s", config_text)
+        log.info("resolved config: %s", Path(cfg.train.output_dir) / "experiment.yaml")
+        log.debug("resolved config:\n%s", config_text)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_state()
     if preemption.stopped:

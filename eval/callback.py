@@ -1,6 +1,7 @@
 """Evaluation during training: every eval.callback_steps steps, summarize a few reports with the
 current weights (real greedy generation, not the argmax of teacher-forced logits) and log
-ROUGE-1/2/L and BERTScore.
+ROUGE-1/2/L, BERTScore, copy4 and what ROUGE misses: unsupported_numbers, novel_terms and repeat4
+(eval/scoring.py FAITHFULNESS; lower is better), all as fractions in [0, 1] with the prefix gen_.
 
 Only the main process generates; the other ranks go on to the next step and wait for it in the
 gradient all-reduce, so keep eval.callback_subset small. The weights must be whole on rank 0:
@@ -22,8 +23,8 @@ from transformers import TrainerCallback
 from distil.config import ExperimentConfig
 from distil.data import DataError, read_jsonl
 from eval.bertscore import BertScore
-from eval.generate import HfEngine, prompt_ids
-from eval.scoring import METRICS, score_predictions
+from eval.generate import Decoding, HfEngine, prompt_ids
+from eval.scoring import FAITHFULNESS, METRICS, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ class GenerationEvalCallback(TrainerCallback):
             predictions = {}
             for start in range(0, len(self.records), self.cfg.batch_size):
                 batch = self.records[start:start + self.cfg.batch_size]
-                completions = engine.generate(self._prompts[start:start + len(batch)],
-                                              self.cfg.callback_max_new_tokens, 0.0, self.cfg.seed)
+                decoding = Decoding(self.cfg.callback_max_new_tokens, 0.0, self.cfg.seed, self.cfg.repetition_penalty,
+                                    self.cfg.frequency_penalty)
+                completions = engine.generate(self._prompts[start:start + len(batch)], decoding)
                 for record, c in zip(batch, completions):
                     text = tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()
                     predictions[record["id"]] = {"id": record["id"], "lang": record["lang"], "prediction": text}
@@ -72,7 +74,7 @@ class GenerationEvalCallback(TrainerCallback):
             if attention == "sdpa_varlen":
                 model.set_attn_implementation(attention)
         rows, counts = score_predictions(self.records, predictions, self.cfg.rouge_tokenizer, self.bertscore)
-        metrics = {f"gen_{m}": round(sum(r[m] for r in rows) / len(rows), 6) for m in METRICS}
+        metrics = {f"gen_{m}": round(sum(r[m] for r in rows) / len(rows), 6) for m in (*METRICS, *FAITHFULNESS)}
         metrics["gen_empty"] = counts["empty"]
         return metrics
 

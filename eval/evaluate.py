@@ -18,9 +18,10 @@ from pathlib import Path
 
 from distil.config import ExperimentConfig
 from distil.data import DataError, read_jsonl
+from distil.teacher_config import annotation_key
 from eval.bertscore import BertScore
 from eval.generate import generate_predictions, read_predictions
-from eval.report import write_report
+from eval.report import terminal_summary, write_report
 from eval.scoring import score_predictions
 from eval.showcase import showcase, showcase_record, write_showcase
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
-    """Evaluate each labelled model folder on data.prepared_dir/<eval.split>.jsonl; returns results.md."""
+    """Evaluate each labelled model folder on data.prepared_dir/<eval.split>.jsonl; writes results.md and
+    returns what to print (the means and the faithfulness table, never report text)."""
     e = cfg.eval
     out = Path(e.output_dir)
     records = read_jsonl(Path(cfg.data.prepared_dir) / f"{e.split}.jsonl")
@@ -46,16 +48,20 @@ def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
         scores[label], counts[label] = score_predictions(records, predictions, e.rouge_tokenizer, bertscore)
         counts[label]["truncated_reports"] = sum(p.get("truncated", False) for p in predictions.values())
     markdown = write_report(out, scores, counts, e)
+    printed = terminal_summary(json.loads((out / "scores.json").read_text()), e, out / "results.md")
     if e.extraction:
         from eval.extraction import evaluate_extraction
 
-        markdown += evaluate_extraction(cfg, models, records)
+        extraction = evaluate_extraction(cfg, models, records)
+        markdown += extraction
+        printed += extraction
         (out / "results.md").write_text(markdown)
     if e.showcase_id:  # into results.md only: the returned (printed) Markdown never holds report text
         predictions = {label: read_predictions(out / "predictions" / f"{label}.jsonl") for label in models}
-        side_by_side = write_showcase(out, showcase(records, predictions, e.showcase_id, cfg.data.key_info_path))
+        side_by_side = write_showcase(out, showcase(records, predictions, e.showcase_id, cfg.data.key_info_path,
+                                                      annotation_key(cfg.teacher)))
         with open(out / "results.md", "a") as f:
             f.write("\n" + side_by_side)
-        markdown += f"\nOne report side by side ({e.showcase_id}): in {out / 'results.md'}\n"
+        printed += f"One report side by side ({e.showcase_id}), its inventions marked: in {out / 'results.md'}\n"
     log.info("results in %s: %s", out, json.dumps(counts))
-    return markdown
+    return printed

@@ -86,13 +86,14 @@ def entity_scores(student: dict[str, str], teacher: dict[str, str]) -> tuple[dic
 def evaluate_extraction(cfg, models: dict[str, str], records: list[dict]) -> str:
     """Generate P_ext answers per model (not the teacher) and score them; writes extraction.json/.csv."""
     from distil.data import DataError, load_key_info
+    from distil.teacher_config import annotation_key
     from eval.generate import generate_predictions, read_predictions
     from eval.report import write_csv
 
     if not cfg.data.key_info_path:
         raise DataError("eval.extraction needs the teacher's key information: set data.key_info_path")
     ids = {r["id"] for r in records}
-    teacher = {i: t for i, t in load_key_info(cfg.data.key_info_path).items() if i in ids}
+    teacher = {i: t for i, t in load_key_info(cfg.data.key_info_path, annotation_key(cfg.teacher)).items() if i in ids}
     if not teacher:
         raise DataError(f"{cfg.data.key_info_path} has no key information for the {cfg.eval.split} split; "
                         f"annotate it in Stage 1 (teacher.splits)")

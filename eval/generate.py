@@ -9,8 +9,8 @@ report longer than eval.max_model_len - eval.max_new_tokens loses its tail (coun
   hf    transformers `generate`, left-padded batches; also what the training callback uses.
 
 Predictions file: one JSON line per report {id, lang, prediction, prompt_tokens, gen_tokens,
-finish_reason, truncated, seconds}, appended and fsynced one batch at a time. A rerun skips ids
-already there and drops a torn last line; `<file>.meta.json` holds the generation settings,
+finish_reason, truncated, seconds}, a distil.ledger.Ledger keyed by id, appended and fsynced one
+batch at a time. A rerun skips ids already there and drops a torn last line; `<file>.meta.json` holds the generation settings,
 and a rerun with other settings is refused rather than mixing two runs in one file. `seconds`
 is the batch's wall time divided by its size (the per-report cost of batched serving).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 from distil.backend import scoped_environ, vllm_cpu_thread_env
 from distil.config import EvalConfig
 from distil.data import DataError
+from distil.ledger import Ledger, LedgerError, read_ledger
+from distil.logs import verbose
 from distil.prompts import PROMPT_VERSION, build_messages
 from distil.tokenization import prompt_ids_within
 
@@ -37,6 +38,38 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How both backends decode: greedy at temperature 0. Two ways to stop a small model's loops (1.0 and
+    0.0 = off), both vLLM's definitions: repetition_penalty divides a positive logit (multiplies a negative
+    one) of every token already in the prompt or the answer, so it also pushes the summary away from the
+    report's own words; frequency_penalty subtracts penalty x the token's count in the answer so far, the
+    prompt not counted (transformers has no such option: FrequencyPenalty below)."""
+    max_new_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: EvalConfig, max_new_tokens: int | None = None) -> Decoding:
+        return cls(max_new_tokens or cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg.repetition_penalty,
+                   cfg.frequency_penalty)
+
+
+class FrequencyPenalty:
+    """vLLM's frequency_penalty as a transformers logits processor: logits minus `penalty` times how often
+    each token occurs in the answer so far (token ids after `prompt_width`; the prompt is not counted)."""
+
+    def __init__(self, penalty: float, prompt_width: int):
+        self.penalty, self.prompt_width = penalty, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        answer = input_ids[:, self.prompt_width:]
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self.penalty * counts
 
 
 @dataclass
@@ -79,16 +112,23 @@ class HfEngine:
         return cls(model.eval(), AutoTokenizer.from_pretrained(path))
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 seed: int) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], decoding: Decoding) -> list[Completion]:
         device = next(self.model.parameters()).device
         width = max(map(len, prompts))
         input_ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        torch.manual_seed(seed)
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.pad, eos_token_id=sorted(self.eos), use_cache=True, **sampling)
+        sampling = {"do_sample": True, "temperature": decoding.temperature} if decoding.temperature > 0 else \
+            {"do_sample": False}
+        if decoding.repetition_penalty != 1.0:
+            sampling["repetition_penalty"] = decoding.repetition_penalty
+        if decoding.frequency_penalty != 0.0:
+            from transformers import LogitsProcessorList
+
+            sampling["logits_processor"] = LogitsProcessorList([FrequencyPenalty(decoding.frequency_penalty, width)])
+        torch.manual_seed(decoding.seed)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  max_new_tokens=decoding.max_new_tokens, pad_token_id=self.pad,
+                                  eos_token_id=sorted(self.eos), use_cache=True, **sampling)
         completions = []
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in self.eos), None)
@@ -111,15 +151,16 @@ class VllmEngine:
         with scoped_environ(vllm_cpu_thread_env()):  # the engine process inherits it; {} on GPUs
             self.llm = LLM(model=path, dtype=VLLM_DTYPES[resolve_dtype(cfg)], max_model_len=cfg.max_model_len,
                            seed=cfg.seed, gpu_memory_utilization=cfg.vllm_memory_fraction,
-                           enforce_eager=cfg.vllm_enforce_eager)
+                           enforce_eager=cfg.vllm_enforce_eager, use_tqdm_on_load=verbose())
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 seed: int) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], decoding: Decoding) -> list[Completion]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                seed=seed if temperature > 0 else None)
+        params = SamplingParams(max_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                                seed=decoding.seed if decoding.temperature > 0 else None,
+                                repetition_penalty=decoding.repetition_penalty,
+                                frequency_penalty=decoding.frequency_penalty)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [Completion(list(o.outputs[0].token_ids), "length" if o.outputs[0].finish_reason == "length" else "stop")
                 for o in outputs]
@@ -135,38 +176,18 @@ def open_engine(path: str, cfg: EvalConfig):
 
 
 def read_predictions(path: str | Path) -> dict[str, dict]:
-    """Predictions by id; a torn last line (a killed run) is cut off the file, a duplicate id is an error."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    good = data.rfind(b"\n") + 1
-    if good < len(data):
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - good)
-        with open(path, "r+b") as f:
-            f.truncate(good)
+    """Predictions by id (a torn last line left by a killed run is skipped); a duplicate id is an error."""
     rows: dict[str, dict] = {}
-    for lineno, line in enumerate(data[:good].decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); delete the file to regenerate") from None
+    for lineno, row in enumerate(read_ledger(path), 1):
         if row["id"] in rows:
-            raise DataError(f"{path}:{lineno}: prediction for {row['id']!r} written twice; "
-                            "delete the file to regenerate")
+            raise LedgerError(f"{path}: record {lineno}: prediction for {row['id']!r} written twice; "
+                              "delete the file to regenerate")
         rows[row["id"]] = row
     return rows
 
 
-def append_predictions(path: Path, rows: list[dict]) -> None:
-    """Append one batch and fsync it, so a crash loses at most the batch in flight."""
-    with open(path, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def prediction_id(row: dict) -> str:
+    return row["id"]
 
 
 def _check_meta(path: Path, meta: dict) -> None:
@@ -189,10 +210,22 @@ def generate_predictions(cfg: EvalConfig, model_path: str, records: list[dict], 
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise DataError(f"duplicate ids among the {len(ids)} records to generate for")
-    _check_meta(out_path, {"model": str(model_path), "task": task, "backend": cfg.backend,
-                           "max_new_tokens": cfg.max_new_tokens, "max_model_len": cfg.max_model_len,
-                           "temperature": cfg.temperature, "seed": cfg.seed, "prompt_version": PROMPT_VERSION})
-    done = read_predictions(out_path)
+    meta = {"model": str(model_path), "task": task, "backend": cfg.backend, "max_new_tokens": cfg.max_new_tokens,
+            "max_model_len": cfg.max_model_len, "temperature": cfg.temperature, "seed": cfg.seed,
+            "prompt_version": PROMPT_VERSION}
+    if cfg.repetition_penalty != 1.0:  # only when set: files written before the options keep their settings
+        meta["repetition_penalty"] = cfg.repetition_penalty
+    if cfg.frequency_penalty != 0.0:
+        meta["frequency_penalty"] = cfg.frequency_penalty
+    _check_meta(out_path, meta)
+    with Ledger(out_path, key=prediction_id) as ledger:
+        return _generate_missing(cfg, model_path, records, ledger, task, engine)
+
+
+def _generate_missing(cfg: EvalConfig, model_path: str, records: list[dict], ledger: Ledger, task: str,
+                      engine) -> dict:
+    out_path, ids = ledger.path, [r["id"] for r in records]
+    done = {row["id"]: row for row in ledger.records}
     stray = sorted(set(done) - set(ids))
     if stray:
         raise DataError(f"{out_path}: predictions for ids not in this split ({len(stray)}, e.g. {stray[:3]}); "
@@ -209,14 +242,14 @@ def generate_predictions(cfg: EvalConfig, model_path: str, records: list[dict], 
             batch = todo[start:start + cfg.batch_size]
             prompts = [prompt_ids(engine.tokenizer, r, task, budget) for r in batch]
             t0 = time.perf_counter()
-            completions = engine.generate([p for p, _ in prompts], cfg.max_new_tokens, cfg.temperature, cfg.seed)
+            completions = engine.generate([p for p, _ in prompts], Decoding.of(cfg))
             seconds = (time.perf_counter() - t0) / len(batch)
             rows = [{"id": r["id"], "lang": r["lang"],
                      "prediction": engine.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip(),
                      "prompt_tokens": len(p), "gen_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
                      "truncated": cut, "seconds": seconds}
                     for r, (p, cut), c in zip(batch, prompts, completions)]
-            append_predictions(out_path, rows)
+            ledger.append(rows)
             stats["generated"] += len(rows)
             stats["truncated"] += sum(cut for _, cut in prompts)
             log.info("%s: %d/%d reports generated", out_path.name, len(done) + stats["generated"], len(records))

@@ -1,4 +1,5 @@
-"""ROUGE-1/2/L per report with rouge-score, and bootstrap confidence intervals: pure functions over strings.
+"""ROUGE-1/2/L per report with rouge-score, copy4 and repeat4, bootstrap confidence intervals: pure functions
+over strings.
 
 Two tokenizations (eval.rouge_tokenizer):
   paper   rouge-score's own tokenizer + Porter stemmer. It keeps only [a-z0-9], so "neumonía"
@@ -18,8 +19,9 @@ import unicodedata
 import numpy as np
 from rouge_score import rouge_scorer, tokenizers
 
+from distil.faithfulness import SNOWBALL_LANGUAGES  # the languages every metric supports
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-SNOWBALL_LANGUAGES = {"en": "english", "es": "spanish", "fr": "french", "pt": "portuguese"}
 WORD = re.compile(r"[^\W_]+")  # runs of letters and digits in any script
 
 
@@ -69,21 +71,36 @@ def bootstrap_ci(values: list[float], samples: int, seed: int) -> tuple[float, f
     return float(lo), float(hi)
 
 
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The word n-grams of `text` (NFC, lowercased, letters and digits), in order."""
+    words = WORD.findall(unicodedata.normalize("NFC", text).lower())
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
 def copied_ngram_share(prediction: str, source: str, n: int = 4) -> float:
     """copy4: share of the prediction's word n-grams (lowercased, NFC) found verbatim in the source report.
 
     A summarizer that scores ROUGE by pasting sentences of the report is not what users want; the
     gold summaries give the reference value. A prediction shorter than n words copies nothing (0).
     """
-    def grams(text: str) -> list[tuple[str, ...]]:
-        words = WORD.findall(unicodedata.normalize("NFC", text).lower())
-        return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-
-    pred = grams(prediction)
+    pred = word_ngrams(prediction, n)
     if not pred:
         return 0.0
-    seen = set(grams(source))
+    seen = set(word_ngrams(source, n))
     return sum(g in seen for g in pred) / len(pred)
+
+
+def repeated_ngram_share(prediction: str, n: int = 4) -> float:
+    """repeat4: share of the prediction's word n-grams that repeat an earlier n-gram of the same prediction.
+
+    A looping summary (the same sentence again) can raise ROUGE while it tells the reader nothing
+    new; a summary that never repeats itself scores 0, and so does one shorter than n words.
+    """
+    grams, seen, repeats = word_ngrams(prediction, n), set(), 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams) if grams else 0.0
 
 
 def word_count(text: str) -> int:

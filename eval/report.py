@@ -3,7 +3,10 @@
 Table layout (the paper's results table): one row per language x model, columns BERTScore
 P/R/F1 and ROUGE-1/2/L, as percentages (mean over reports); "all" pools every language. Each
 mean has a 95% bootstrap interval (eval.bootstrap_samples, seed eval.seed: the same resampled
-reports for every metric of a group).
+reports for every metric of a group). A second table, Faithfulness, holds what ROUGE misses
+(eval/scoring.py FAITHFULNESS: unsupported_numbers, novel_terms, repeat4; lower is better) beside
+the gold summaries' own rates (ref_*). scores.json and scores.csv keep every score as a fraction
+in [0, 1], as the per-report rows do; the Markdown tables show points (x100).
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ import os
 from pathlib import Path
 
 from eval.metrics import bootstrap_ci
-from eval.scoring import METRICS
+from eval.scoring import FAITHFULNESS, GOLD, METRICS
 
 HEADERS = {"bertscore_p": "BERTScore P", "bertscore_r": "BERTScore R", "bertscore_f1": "BERTScore F1",
-           "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "copy4": "copy4"}
+           "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "copy4": "copy4",
+           "unsupported_numbers": "unsupported numbers", "novel_terms": "novel terms", "repeat4": "repeat4"}
+COUNTS = ("pred_numbers", "pred_numbers_unsupported", "ref_numbers", "ref_numbers_unsupported")  # summed
 PLOTTED = ("bertscore_p", "bertscore_r", "bertscore_f1", "rouge1", "rouge2", "rougeL")
 
 
 def aggregate(scores: dict[str, list[dict]], samples: int, seed: int) -> list[dict]:
-    """Rows {model, lang, n, <metric>, <metric>_lo, <metric>_hi} for each model x (language..., all)."""
+    """Rows {model, lang, n, <metric>, <metric>_lo, <metric>_hi, <count>} for each model x (language..., all):
+    the mean and interval of METRICS, FAITHFULNESS and GOLD, the sum of COUNTS."""
     out = []
     for model, rows in scores.items():
         langs = sorted({r["lang"] for r in rows})
@@ -31,10 +37,11 @@ def aggregate(scores: dict[str, list[dict]], samples: int, seed: int) -> list[di
             if not group:
                 continue
             agg = {"model": model, "lang": lang, "n": len(group)}
-            for m in METRICS:
+            for m in (*METRICS, *FAITHFULNESS, *GOLD):
                 values = [r[m] for r in group]
                 lo, hi = bootstrap_ci(values, samples, seed)
                 agg.update({m: sum(values) / len(values), f"{m}_lo": lo, f"{m}_hi": hi})
+            agg.update({c: sum(r[c] for r in group) for c in COUNTS})
             out.append(agg)
     return out
 
@@ -44,8 +51,8 @@ def _lang_order(rows: list[dict]) -> list[str]:
     return langs + (["all"] if any(r["lang"] == "all" for r in rows) else [])
 
 
-def markdown_table(agg: list[dict]) -> str:
-    """The results table (percent, 2 decimals), then the 95% intervals of the same cells."""
+def markdown_table(agg: list[dict], intervals: bool = True) -> str:
+    """The results table (percent, 2 decimals), then (`intervals`) the 95% intervals of the same cells."""
     models = list(dict.fromkeys(r["model"] for r in agg))
     cells = {(r["lang"], r["model"]): r for r in agg}
     head = "| Language | Model | n | " + " | ".join(HEADERS[m] for m in METRICS) + " |"
@@ -59,7 +66,39 @@ def markdown_table(agg: list[dict]) -> str:
             prefix = f"| {lang.upper() if lang != 'all' else 'All'} | {model} | {r['n']} | "
             main.append(prefix + " | ".join(f"{100 * r[m]:.2f}" for m in METRICS) + " |")
             ci.append(prefix + " | ".join(f"{100 * r[m + '_lo']:.1f}–{100 * r[m + '_hi']:.1f}" for m in METRICS) + " |")
+    if not intervals:
+        return "\n".join(main) + "\n"
     return "\n".join(main) + "\n\n95% bootstrap confidence intervals:\n\n" + "\n".join(ci) + "\n"
+
+
+def faithfulness_table(agg: list[dict]) -> str:
+    """What ROUGE misses, per language x model: each FAITHFULNESS mean (points) with its 95% interval, the gold
+    summaries' mean beside it, and how many numbers the summaries write (how many the reports lack)."""
+    models = list(dict.fromkeys(r["model"] for r in agg))
+    cells = {(r["lang"], r["model"]): r for r in agg}
+    lines = ["| Language | Model | n | " + " | ".join(f"{HEADERS[m]} | gold" for m in FAITHFULNESS)
+             + " | numbers (unsupported) | gold numbers (unsupported) |",
+             "|---|---|---:|" + "---:|---:|" * len(FAITHFULNESS) + "---:|---:|"]
+    for lang in _lang_order(agg):
+        for model in models:
+            r = cells.get((lang, model))
+            if r is None:
+                continue
+            values = " | ".join(f"{100 * r[m]:.2f} ({100 * r[m + '_lo']:.1f}–{100 * r[m + '_hi']:.1f}) | "
+                                f"{100 * r['ref_' + m]:.2f}" for m in FAITHFULNESS)
+            lines.append(f"| {lang.upper() if lang != 'all' else 'All'} | {model} | {r['n']} | {values} | "
+                         f"{r['pred_numbers']} ({r['pred_numbers_unsupported']}) | "
+                         f"{r['ref_numbers']} ({r['ref_numbers_unsupported']}) |")
+    return "\n".join(lines) + "\n"
+
+
+FAITHFULNESS_LEGEND = (
+    "Lower is better. A cell is the mean over reports of each summary's share, in points, with its 95% interval; "
+    "'gold' is the same share for the gold summaries of those reports. unsupported numbers = share of a summary's numbers "
+    "(doses, lab values, ages, dates) that its report never writes, compared by value (1,056,000 = 1 056 000; "
+    "11,7 = 11.7); novel terms = share of its content words (3+ letters, no stop words) whose stem no word of the "
+    "report has, a proxy for invented findings; repeat4 = share of its word 4-grams that repeat an earlier 4-gram "
+    "of the same summary (loops). Definitions: distil/faithfulness.py, eval/metrics.py.\n")
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
@@ -183,6 +222,20 @@ def plot_lengths(scores: dict[str, list[dict]], path: str | Path) -> None:
     plt.close(fig)
 
 
+def terminal_summary(saved: dict, cfg, results: str | Path) -> str:
+    """What an evaluation prints, from its scores.json (`saved`): the means of the results table, the
+    faithfulness table and, when a teacher is compared, the speed table; the intervals of the first, the
+    definitions, plots and the showcase are in results.md."""
+    agg = saved["scores"]
+    text = (f"## Results ({cfg.split} split, ROUGE tokenizer: {cfg.rouge_tokenizer})\n\n"
+            f"{markdown_table(agg, intervals=False)}\n## Faithfulness (lower is better; gold = the gold summaries)\n\n"
+            f"{faithfulness_table(agg)}")
+    if any("times_faster_than_teacher" in r for r in saved["speed"]):
+        cpu = None if saved["hardware"] == "gpu" else saved["hardware"]
+        text += f"\n## Speed and cost\n\n{speed_markdown(saved['speed'], cpu)}"
+    return text + f"\nIntervals, definitions, speed and plots: {results}\n"
+
+
 def write_report(out_dir: str | Path, scores: dict[str, list[dict]], counts: dict[str, dict], cfg) -> str:
     """Write results.md, scores.csv/json, per_report.csv, speed.* and plots/; returns the Markdown."""
     out_dir = Path(out_dir)
@@ -195,12 +248,14 @@ def write_report(out_dir: str | Path, scores: dict[str, list[dict]], counts: dic
     (out_dir / "scores.json").write_text(json.dumps(
         {"rouge_tokenizer": cfg.rouge_tokenizer, "bertscore_model": cfg.bertscore_model,
          "bertscore_rescale": cfg.bertscore_rescale, "bootstrap_samples": cfg.bootstrap_samples,
+         "scale": "fractions in [0, 1] (results.md shows points, x100)", "lower_is_better": list(FAITHFULNESS),
          "counts": counts, "scores": agg, "speed": fast, "hardware": hardware_of(cfg) or "gpu"}, indent=1))
     markdown = f"## Results ({cfg.split} split, ROUGE tokenizer: {cfg.rouge_tokenizer})\n\n{table}"
     gold = [r["ref_copy4"] for rows in scores.values() for r in rows if "ref_copy4" in r]
     if gold:
         markdown += (f"\ncopy4 = share of a prediction's word 4-grams found verbatim in its report (lower = more "
                      f"abstractive); the gold summaries: {100 * sum(gold) / len(gold):.2f}.\n")
+    markdown += f"\n## Faithfulness: what ROUGE does not see\n\n{faithfulness_table(agg)}\n{FAITHFULNESS_LEGEND}"
     if fast:
         cpu = hardware_of(cfg)
         title = f"on {cpu}" if cpu else f"GPU-hour price {cfg.gpu_hour_price}"

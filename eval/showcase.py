@@ -1,16 +1,20 @@
 """One report side by side: the report, its gold summary, the teacher's key information and each
 model's summary, so a person can judge the outputs and not only the scores.
 
-Written to results.md and showcase.json only (never to the log): set eval.showcase_id to a public
-report, such as one of the bundled sample's MultiClinSum reports.
+In results.md the numbers and content words of the gold summary and of each model's summary that
+the report does not support (distil/faithfulness.py) are in bold and listed under the summary, so an
+invention shows at a glance. Written to results.md and showcase.json only (never to the log): set
+eval.showcase_id to a public report, such as one of the bundled sample's MultiClinSum reports.
 """
 
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 from distil.data import DataError, load_key_info
+from distil.faithfulness import unsupported_spans
 
 
 def showcase_record(records: list[dict], record_id: str) -> dict:
@@ -23,13 +27,28 @@ def showcase_record(records: list[dict], record_id: str) -> dict:
 
 
 def showcase(records: list[dict], predictions: dict[str, dict[str, dict]], record_id: str,
-             key_info_path: str | None) -> dict:
-    """{id, lang, report, gold_summary, teacher_key_info, summaries: {label: text}} for one report."""
+             key_info_path: str | None, annotation: dict) -> dict:
+    """{id, lang, report, gold_summary, teacher_key_info, summaries: {label: text}} for one report; the key
+    information is the one of `annotation` (distil.teacher_config.annotation_key)."""
     record = showcase_record(records, record_id)
-    key_info = load_key_info(key_info_path).get(record_id) if key_info_path and Path(key_info_path).exists() else None
+    key_info = None
+    if key_info_path and Path(key_info_path).exists():
+        key_info = load_key_info(key_info_path, annotation).get(record_id)
     return {"id": record_id, "lang": record["lang"], "report": record["report"], "gold_summary": record["summary"],
             "teacher_key_info": key_info,
             "summaries": {label: preds.get(record_id, {}).get("prediction") for label, preds in predictions.items()}}
+
+
+def mark_unsupported(text: str, report: str, lang: str) -> tuple[str, list[str]]:
+    """`text` (NFC) with each number and content word its report does not support in bold, and those
+    pieces as written (each once, in order)."""
+    text = unicodedata.normalize("NFC", text)
+    spans = unsupported_spans(text, report, lang)
+    out, at = [], 0
+    for start, end in spans:
+        out += [text[at:start], f"**{text[start:end]}**"]
+        at = end
+    return "".join(out) + text[at:], list(dict.fromkeys(text[s:e] for s, e in spans))
 
 
 def showcase_markdown(item: dict) -> str:
@@ -37,9 +56,18 @@ def showcase_markdown(item: dict) -> str:
         body = "\n".join("> " + line for line in (text or "(none)").strip().splitlines())
         return f"**{title}**\n\n{body}\n"
 
-    parts = [f"## One report side by side: {item['id']} ({item['lang']})\n", block("Report", item["report"]),
-             block("Gold summary", item["gold_summary"]), block("Teacher's key information", item["teacher_key_info"])]
-    parts += [block(f"Summary by {label}", text) for label, text in item["summaries"].items()]
+    def checked(title: str, text: str | None) -> str:
+        if not text:
+            return block(title, text)
+        marked, pieces = mark_unsupported(text, item["report"], item["lang"])
+        return block(title, marked) + f"\nNot in the report: {', '.join(pieces) if pieces else 'nothing'}\n"
+
+    parts = [f"## One report side by side: {item['id']} ({item['lang']})\n",
+             "In bold: the numbers and content words of a summary that its report does not write "
+             "(distil/faithfulness.py).\n", block("Report", item["report"]),
+             checked("Gold summary", item["gold_summary"]),
+             block("Teacher's key information", item["teacher_key_info"])]
+    parts += [checked(f"Summary by {label}", text) for label, text in item["summaries"].items()]
     return "\n".join(parts)
 
 

@@ -15,7 +15,8 @@ instance is started):
 Reads data.prepared_dir/<split>.jsonl for teacher.splits, appends to data.key_info_path and
 writes its summary next to it (*.summary.json); with teacher.topk_logprobs > 0 (the default) also the
 teacher's top-k distributions of the train reports into <ledger>.topk/ (token-level distillation).
-Rerunning resumes: done reports are skipped.
+Rerunning resumes: done reports are skipped. The engines' own logs (vLLM, Ray) go to
+<data.key_info_path>.log; --verbose prints them too.
 Exit status 0 = every report has a record, 1 = some failed (rerun to retry them), 2 = bad input
 (config, data, or a teacher.model folder that distil/model_check.py refuses).
 """
@@ -23,11 +24,13 @@ Exit status 0 = every report has a record, 1 = some failed (rerun to retry them)
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from pathlib import Path
 
 from distil.config import ConfigError, load_config
 from distil.data import DataError
+from distil.backend import scoped_environ
+from distil.logs import engine_log_env, setup
 from distil.model_check import ModelInputError, check_model_dir
 
 
@@ -36,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="experiment YAML (data and teacher sections)")
     parser.add_argument("--limit", type=int, help="annotate only the first N prepared reports (smoke tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--verbose", action="store_true", help="print the engines' logs too (vLLM, Ray)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. teacher.num_replicas=2")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.teacher.backend == "vllm":  # before Ray and the engines start (openai: the model is remote)
@@ -46,13 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from distil.ledger import LedgerError
     from teacher_serving.annotate import annotate
-    from teacher_serving.ledger import LedgerLockedError
     from teacher_serving.placement import PlacementError
 
+    ledger = cfg.data.key_info_path  # null is refused by annotate() below, before anything is written
+    log_file = setup(Path(ledger).with_suffix(".log"), args.verbose) if ledger else None
     try:
-        summary = annotate(cfg, limit=args.limit, show_progress=not args.no_progress)
-    except (DataError, PlacementError, LedgerLockedError, ValueError) as exc:
+        with scoped_environ(engine_log_env(log_file) if log_file else {}):  # the local Ray and its engines inherit it
+            summary = annotate(cfg, limit=args.limit, show_progress=not args.no_progress)
+    except (DataError, PlacementError, LedgerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"key information: {cfg.data.key_info_path} {summary['status']}")

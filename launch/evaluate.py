@@ -14,12 +14,14 @@ to get the student vs teacher speed and cost comparison. Every model folder is c
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
+from pathlib import Path
 
 from distil.config import ConfigError, load_config
 from distil.data import DataError
+from distil.backend import scoped_environ
+from distil.logs import engine_log_env, route_libraries, setup
 from distil.model_check import check_model_dir
 
 
@@ -49,17 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--models", nargs="+", required=True, metavar="LABEL=PATH",
                         help="models to evaluate: a Hugging Face folder or hub name per label")
+    parser.add_argument("--verbose", action="store_true", help="print the engines' logs too (vLLM)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.backend=hf")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         models, late_overrides = split_models(args.models)
         cfg = load_config(args.config, list(args.overrides) + late_overrides)
         for label, path in models.items():  # all of them before the first engine starts
             check_model_dir(path, f"model {label}", f"--models {label}")
+        log_file = setup(Path(cfg.eval.output_dir) / "evaluate.log", args.verbose)  # nothing written before
         from eval.evaluate import evaluate
 
-        markdown = evaluate(cfg, models)
+        route_libraries()
+        with scoped_environ(engine_log_env(log_file)):
+            markdown = evaluate(cfg, models)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

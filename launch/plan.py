@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distil.plan import PlanError, format_plan, load_architecture, plan_student, plan_teacher
+from distil.architecture import PlanError, load_architecture
+from distil.plan import plan_student, plan_teacher
+from distil.plan_report import format_plan
 
 
 def main(argv: list[str] | None = None) -> int:

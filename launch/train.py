@@ -15,10 +15,13 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from distil.checkpoints import FinishedRunError
 from distil.config import ConfigError, load_config
 from distil.data import DataError
+from distil.ledger import LedgerError
+from distil.logs import route_libraries, setup
 from distil.model_check import ModelInputError, check_model_dir
 from distil.teacher_topk import TopkStoreError
 
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides train.deepspeed)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("--verbose", action="store_true", help="print DeepSpeed's and transformers' logs too")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. loss.gamma=1.0")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -43,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rank = int(os.environ["RANK"])
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s rank{rank} %(name)s: %(message)s", force=True)
+    # other ranks print errors only (their warnings repeat rank 0's); train.log holds every rank's lines
+    setup(Path(cfg.train.output_dir) / "train.log", args.verbose, logging.INFO if rank == 0 else logging.ERROR,
+          f"%(asctime)s rank{rank} %(name)s: %(message)s")
     from distil.trainer import train
+
+    route_libraries()  # DeepSpeed and transformers log through handlers of their own
 
     try:
         callbacks = []
@@ -54,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
             callbacks.append(GenerationEvalCallback(cfg))
         hf_dir = train(cfg, callbacks)
-    except (DataError, FinishedRunError, TopkStoreError) as exc:
+    except (DataError, FinishedRunError, TopkStoreError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:  # a gloo group left to interpreter shutdown can abort a finished rank ("terminate called ...")
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if hf_dir:
         print(f"model: {hf_dir}")
     return 0

@@ -2,13 +2,13 @@
 
     annotate(cfg)            the job (teacher_serving.annotate); launch/annotate.py calls it
     plan_replicas(nodes, …)  how many engine replicas a cluster holds, and their placement groups
-    Ledger                   the append-only, resumable key-information JSONL
+    TeacherPool, drive       what both passes send requests to, and the loop that keeps it fed
 
 Importing this package imports neither Ray nor vLLM.
 """
 
 from teacher_serving.annotate import annotate
-from teacher_serving.ledger import Ledger
 from teacher_serving.placement import plan_replicas
+from teacher_serving.pool import TeacherPool, drive
 
-__all__ = ["annotate", "Ledger", "plan_replicas"]
+__all__ = ["annotate", "plan_replicas", "TeacherPool", "drive"]

@@ -20,29 +20,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, wait
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distil.config import ExperimentConfig, TeacherConfig
 from distil.data import read_jsonl
-from distil.prompts import PROMPT_VERSION, build_messages
+from distil.ledger import Ledger
+from distil.logs import verbose
+from distil.prompts import build_messages
+from distil.teacher_config import annotation_key, is_annotation_of, key_of, record_key, sampling_params
 from teacher_serving.answers import RETRYABLE, classify, key_info_schema
 from teacher_serving.grounding import grounding_score, summarize_grounding
-from teacher_serving.ledger import Ledger, record_key
+from teacher_serving.pool import GenerateRequest, StartOnFirstUse, TeacherPool, drive
+from teacher_serving.topk import score
 
 log = logging.getLogger(__name__)
-
-
-def sampling_key(t: TeacherConfig) -> dict:
-    """The sampling settings that make two annotations of a report the same annotation."""
-    key = {"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens, "seed": t.seed,
-           "stop": list(t.stop), "key_info_format": t.key_info_format}
-    if t.repetition_penalty != 1.0:  # only when set: ledgers written before the option keep their keys
-        key["repetition_penalty"] = t.repetition_penalty
-    return key
 
 
 @dataclass
@@ -86,27 +81,27 @@ def fit_prompts(records: list[dict], tokenizer, budget: int) -> tuple[list[Item]
     return items, impossible
 
 
-def request(item: Item, t: TeacherConfig, schema: dict | None) -> dict:
+def request(item: Item, t: TeacherConfig, schema: dict | None) -> GenerateRequest:
     """The engine request of the item's next try: configured sampling first, retry_temperature after."""
-    retry = item.attempts > 0
-    sampling = {"temperature": t.retry_temperature if retry else t.temperature, "top_p": t.top_p,
-                "max_tokens": t.max_new_tokens, "seed": t.seed + item.attempts, "stop": list(t.stop)}
-    if t.repetition_penalty != 1.0:
-        sampling["repetition_penalty"] = t.repetition_penalty
-    return {"messages": item.messages, "sampling": sampling, "json_schema": schema}
+    return GenerateRequest(item.messages, sampling_params(t, item.attempts), schema)
 
 
 def ledger_record(item: Item, t: TeacherConfig, status: str, output: dict | None) -> dict:
     output = output or {}
     report = item.record["report"]
-    score = grounding_score(output["text"], report) if status == "ok" else None
+    score = grounding_score(output["text"], report, lang=item.record["lang"]) if status == "ok" else None
     if status == "ok" and t.grounding_threshold is not None and score is not None and score < t.grounding_threshold:
         status = "ungrounded"
     return {"id": item.record["id"], "lang": item.record["lang"], "split": item.record.get("split"),
-            "key_info": output.get("text"), "status": status, "teacher": t.model, "prompt_version": PROMPT_VERSION,
-            "sampling": sampling_key(t), "finish_reason": output.get("finish_reason"),
+            "key_info": output.get("text"), "status": status, **annotation_key(t),
+            "finish_reason": output.get("finish_reason"),
             "prompt_tokens": output.get("prompt_tokens"), "completion_tokens": output.get("completion_tokens"),
             "attempts": item.attempts, "report_tokens_dropped": item.report_tokens_dropped, "grounding": score}
+
+
+def annotation_ledger(path: str | Path) -> Ledger:
+    """The key-information ledger: one record per (report, teacher, prompt version, sampling)."""
+    return Ledger(path, key=key_of)
 
 
 def load_pending(cfg: ExperimentConfig, ledger: Ledger, limit: int | None) -> tuple[list[dict], int]:
@@ -116,74 +111,34 @@ def load_pending(cfg: ExperimentConfig, ledger: Ledger, limit: int | None) -> tu
         records += read_jsonl(Path(cfg.data.prepared_dir) / f"{split}.jsonl")
     if limit is not None:
         records = records[:limit]
-    sampling = sampling_key(t)
-    pending = [r for r in records if record_key(r["id"], t.model, PROMPT_VERSION, sampling) not in ledger.done]
+    wanted = annotation_key(t)
+    pending = [r for r in records if record_key(r["id"], wanted) not in ledger.done]
     return pending, len(records)
 
 
-def make_pool(cfg: ExperimentConfig):
+def open_pool(cfg: ExperimentConfig) -> TeacherPool:
     """The vLLM replicas on Ray (default) or the remote endpoint (teacher.backend: openai)."""
     t = cfg.teacher
     if t.backend == "openai":
         from teacher_serving.remote import RemotePool
 
-        return RemotePool(t.api_base, t.model, t.api_key_env, t.max_concurrency, t.api_retries, t.request_timeout_s)
+        return RemotePool(t)
     import ray
 
     from teacher_serving.placement import plan_replicas
-    from teacher_serving.replica import EngineSpec, ReplicaPool
+    from teacher_serving.replica import ReplicaPool
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)  # joins RAY_ADDRESS (set by `ray job submit`), else starts a local Ray
+    if not ray.is_initialized():  # joins RAY_ADDRESS (set by `ray job submit`), else starts a local Ray
+        job = "RAY_ADDRESS" in os.environ  # a cluster job's log is where its users look for the engines' lines
+        ray.init(log_to_driver=job or verbose(), logging_level=logging.INFO if job or verbose() else logging.WARNING)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     plan = plan_replicas(nodes, t.tensor_parallel_size, t.pipeline_parallel_size, t.num_replicas, t.cpus_per_replica)
     log.info("teacher %s: %d replica(s), bundles %s, %s, executor %s", t.model, plan.num_replicas,
              list(plan.bundles), plan.strategy, plan.executor_backend or "vLLM default")
-    spec = EngineSpec(model=t.model, tensor_parallel_size=t.tensor_parallel_size,
-                      pipeline_parallel_size=t.pipeline_parallel_size, max_model_len=t.max_model_len, dtype=t.dtype,
-                      seed=t.seed, kv_cache_gib=t.kv_cache_gib, enforce_eager=t.enforce_eager,
-                      json_mode=t.key_info_format == "json", executor_backend=plan.executor_backend,
-                      cpu_threads=None if plan.on_gpu else t.cpus_per_replica, max_num_seqs=t.max_num_seqs,
-                      max_logprobs=max(20, t.topk_logprobs))
-    return ReplicaPool(spec, plan, t.max_replica_restarts)
+    return ReplicaPool(t, plan)
 
 
-def drive(pool, items: list, make_request, accept, max_failures: int) -> Counter:
-    """Feed `pool` single requests, as many as it has free slots, until every item is accepted.
-
-    `accept(answered)` gets the (item, output) pairs that came back together and returns the items to
-    send again. A failed request (engine, endpoint) goes back to the front of the queue; an item whose
-    requests failed `max_failures` times is dropped and counted as "failed" (a rerun retries it).
-    """
-    queue, inflight, counts = deque(items), {}, Counter()
-    while queue or inflight:
-        for _ in range(min(len(queue), pool.free_slots)):
-            item = queue.popleft()
-            inflight[pool.submit(make_request(item))] = item
-        finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-        answered = []
-        for future in finished:
-            item = inflight.pop(future)
-            try:
-                output = future.result()
-            except Exception as exc:  # engine, endpoint or request failure: the pool recovers, the item goes back
-                pool.failed(future, exc)
-                item.engine_failures += 1
-                if item.engine_failures < max_failures:
-                    queue.appendleft(item)
-                else:
-                    counts["failed"] += 1
-                    log.error("report %s: its request failed %d times (%s); not recorded, a rerun retries it",
-                              item.record["id"], item.engine_failures, type(exc).__name__)
-                continue
-            pool.done(future)
-            answered.append((item, output))
-        if answered:
-            queue.extend(accept(answered))
-    return counts
-
-
-def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None) -> Counter:
+def run(pool: TeacherPool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None) -> Counter:
     """Annotate `items`; each answer is written the moment it returns (retrying an empty, cut or
     invalid one up to teacher.max_attempts). Counts of this run."""
     schema = key_info_schema(t.json_max_field_chars) if t.key_info_format == "json" else None
@@ -211,16 +166,15 @@ def run(pool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None
 
 def summarize(ledger: Ledger, t: TeacherConfig) -> dict:
     """Counts per status and grounding per language over this teacher's records in the whole ledger."""
-    sampling = sampling_key(t)
-    mine = [r for r in ledger.records
-            if r["teacher"] == t.model and r["prompt_version"] == PROMPT_VERSION and r["sampling"] == sampling]
+    wanted = annotation_key(t)
+    mine = [r for r in ledger.records if is_annotation_of(r, wanted)]
     return {"records": len(mine), "status": dict(Counter(r["status"] for r in mine)),
             "grounding": summarize_grounding(mine, t.grounding_threshold)}
 
 
-def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict], tokenizer, get_pool,
+def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict], tokenizer, pool: StartOnFirstUse,
                      show_progress: bool) -> dict:
-    """The key information of `pending` into the ledger (`get_pool()` starts the replicas); this pass's counts."""
+    """The key information of `pending` into the ledger; this pass's counts."""
     from tqdm import tqdm
 
     t = cfg.teacher
@@ -239,7 +193,7 @@ def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict],
         ledger.append(skipped)
         counts.update(r["status"] for r in skipped)
     if items:
-        pool = get_pool()
+        pool.start()  # before the clock: engine start-up is not annotation time
         bar = tqdm(total=len(items), unit="report", disable=not show_progress, mininterval=2.0)
         started = time.perf_counter()
 
@@ -269,28 +223,19 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
     if not cfg.data.key_info_path:
         raise ValueError(f"{cfg.source}: data.key_info_path is null; set it to the ledger file Stage 1 writes "
                          "(e.g. data.key_info_path=runs/key_info.jsonl)")
-    pool = None
-
-    def get_pool():  # started once, by the first pass that has work for it
-        nonlocal pool
-        pool = pool or make_pool(cfg)
-        return pool
-
-    with Ledger(cfg.data.key_info_path) as ledger:
+    pool = StartOnFirstUse(lambda: open_pool(cfg))  # started by the first pass with work for it
+    with annotation_ledger(cfg.data.key_info_path) as ledger:
         pending, total = load_pending(cfg, ledger, limit)
         log.info("%d reports in %s, %d already in %s, %d to annotate", total, t.splits, total - len(pending),
                  ledger.path, len(pending))
         tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model) if pending or t.topk_logprobs else None
         try:
-            this_run = annotate_pending(cfg, ledger, pending, tokenizer, get_pool, show_progress)
+            this_run = annotate_pending(cfg, ledger, pending, tokenizer, pool, show_progress)
             summary = {**summarize(ledger, t), "this_run": this_run}
             if t.topk_logprobs:  # the second pass: distributions for token-level distillation
-                from teacher_serving.topk import score
-
-                summary["topk"] = score(cfg, get_pool, ledger.records, tokenizer, sampling_key(t))
+                summary["topk"] = score(cfg, pool, ledger.records, tokenizer)
         finally:
-            if pool is not None:
-                pool.close()
+            pool.close()
     summary_path = Path(cfg.data.key_info_path).with_suffix(".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2))
     log.info("ledger %s: %s; grounding per language: %s; this run: %s", cfg.data.key_info_path, summary["status"],

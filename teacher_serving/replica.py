@@ -22,32 +22,15 @@ import logging
 import os
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
-
 from distil.backend import scoped_environ, vllm_cpu_thread_env
+from distil.logs import verbose
+from distil.teacher_config import TeacherConfig
 from teacher_serving.placement import ReplicaPlan
+from teacher_serving.pool import GenerateRequest, ScoreRequest
 
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 900  # waiting longer means the resources are held elsewhere (`ray status`)
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Everything vLLM needs to build one replica's engine (from TeacherConfig)."""
-    model: str
-    tensor_parallel_size: int
-    pipeline_parallel_size: int
-    max_model_len: int
-    dtype: str
-    seed: int
-    kv_cache_gib: float | None
-    enforce_eager: bool
-    json_mode: bool
-    executor_backend: str | None = None
-    cpu_threads: int | None = None  # vllm-cpu: cores per worker (None on GPUs)
-    max_num_seqs: int = 256
-    max_logprobs: int = 20  # vLLM's cap on (prompt_)logprobs per position
 
 
 class NodeLost(RuntimeError):
@@ -58,34 +41,40 @@ class RequestError(RuntimeError):
     """The engine refused or failed one request; the engine itself is fine."""
 
 
+def engine_args(t: TeacherConfig, executor_backend: str | None):
+    """vLLM's engine arguments of one replica, read from the teacher config (the one place they are built)."""
+    from vllm import AsyncEngineArgs
+    from vllm.config import StructuredOutputsConfig
+
+    args = AsyncEngineArgs(model=t.model, tensor_parallel_size=t.tensor_parallel_size,
+                           pipeline_parallel_size=t.pipeline_parallel_size, max_model_len=t.max_model_len,
+                           dtype=t.dtype, seed=t.seed, enforce_eager=t.enforce_eager, max_num_seqs=t.max_num_seqs,
+                           disable_log_stats=True, max_logprobs=max(20, t.topk_logprobs), use_tqdm_on_load=verbose(),
+                           distributed_executor_backend=executor_backend,
+                           kv_cache_memory_bytes=int(t.kv_cache_gib * 2**30) if t.kv_cache_gib else None)
+    if t.key_info_format == "json":  # compact JSON: a model cannot spend its token budget on whitespace
+        args.structured_outputs_config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+    return args
+
+
 class TeacherReplica:
     """One vLLM AsyncLLM. `generate` takes one chat request and returns its answer as a dict."""
 
-    def __init__(self, spec: EngineSpec, cpu_slot: int = 0):
+    def __init__(self, t: TeacherConfig, plan: ReplicaPlan, cpu_slot: int = 0):
         from transformers import AutoTokenizer
-        from vllm import AsyncEngineArgs
-        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        binding = vllm_cpu_thread_env(spec.cpu_threads, spec.tensor_parallel_size, cpu_slot) if spec.cpu_threads else {}
-        args = AsyncEngineArgs(model=spec.model, tensor_parallel_size=spec.tensor_parallel_size,
-                               pipeline_parallel_size=spec.pipeline_parallel_size, max_model_len=spec.max_model_len,
-                               dtype=spec.dtype, seed=spec.seed, enforce_eager=spec.enforce_eager,
-                               max_num_seqs=spec.max_num_seqs, disable_log_stats=True,
-                               max_logprobs=spec.max_logprobs,
-                               distributed_executor_backend=spec.executor_backend,
-                               kv_cache_memory_bytes=int(spec.kv_cache_gib * 2**30) if spec.kv_cache_gib else None)
-        if spec.json_mode:  # compact JSON: a model cannot spend its token budget on whitespace
-            args.structured_outputs_config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)  # the chat template LLM.chat would apply
+        cpu_threads = None if plan.on_gpu else t.cpus_per_replica  # vllm-cpu: cores per TP worker
+        binding = vllm_cpu_thread_env(cpu_threads, t.tensor_parallel_size, cpu_slot) if cpu_threads else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(t.model)  # the chat template LLM.chat would apply
         with scoped_environ(binding):  # the engine's processes, spawned now, inherit the binding
-            self.engine = AsyncLLM.from_engine_args(args)
+            self.engine = AsyncLLM.from_engine_args(engine_args(t, plan.executor_backend))
 
     async def ready(self) -> int:
         return os.getpid()
 
-    async def generate(self, request: dict) -> dict:
-        """request: {messages, sampling: SamplingParams kwargs, json_schema: dict | None}.
+    async def generate(self, request: GenerateRequest) -> dict:
+        """One chat answer {text, finish_reason, prompt_tokens, completion_tokens, token_ids}.
 
         Raises EngineDeadError when the engine process is gone (the pool restarts the replica);
         any other failure is this request's alone and comes back as RequestError.
@@ -93,35 +82,34 @@ class TeacherReplica:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        params = SamplingParams(**request["sampling"], output_kind=RequestOutputKind.FINAL_ONLY, structured_outputs=(
-            StructuredOutputsParams(json=request["json_schema"]) if request.get("json_schema") else None))
-        text = self.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+        params = SamplingParams(**request.sampling, output_kind=RequestOutputKind.FINAL_ONLY, structured_outputs=(
+            StructuredOutputsParams(json=request.json_schema) if request.json_schema else None))
+        text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
         final = await self._final(self.tokenizer(text, add_special_tokens=False)["input_ids"], params)
         out = final.outputs[0]
         return {"text": out.text, "finish_reason": out.finish_reason, "prompt_tokens": len(final.prompt_token_ids),
                 "completion_tokens": len(out.token_ids), "token_ids": list(out.token_ids)}
 
-    async def score(self, request: dict) -> dict:
-        """request: {topk, sequences: {task: {prompt_token_ids, first}}} -> {task: (ids, log_probs)}: the
-        teacher's top-k next-token log-probs ([n, k] int32 and fp16) for tokens first.. of each sequence,
+    async def score(self, request: ScoreRequest) -> dict:
+        """{task: (ids, log_probs)}: the teacher's top-k next-token log-probs ([n, k] int32 and fp16) for tokens first.. of each sequence,
         by one prefill each (prompt_logprobs: the model's raw distribution, no sampling settings)."""
         import asyncio
 
         import numpy as np
 
         async def one(sequence: dict) -> tuple[np.ndarray, np.ndarray]:
-            final = await self._final(sequence["prompt_token_ids"], self._score_params(request["topk"]))
+            final = await self._final(sequence["prompt_token_ids"], self._score_params(request.topk))
             rows = final.prompt_logprobs[sequence["first"]:]
-            ids = np.empty((len(rows), request["topk"]), dtype=np.int32)
-            log_probs = np.empty((len(rows), request["topk"]), dtype=np.float16)
+            ids = np.empty((len(rows), request.topk), dtype=np.int32)
+            log_probs = np.empty((len(rows), request.topk), dtype=np.float16)
             for r, position in enumerate(rows):  # top-k plus the sequence's own token when it is not among them
-                best = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:request["topk"]]
+                best = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:request.topk]
                 ids[r] = [token for token, _ in best]
                 log_probs[r] = [max(lp.logprob, -6e4) for _, lp in best]  # -inf does not fit fp16's range
             return ids, log_probs
 
-        tasks = list(request["sequences"])
-        results = await asyncio.gather(*(one(request["sequences"][task]) for task in tasks))
+        tasks = list(request.sequences)
+        results = await asyncio.gather(*(one(request.sequences[task]) for task in tasks))
         return dict(zip(tasks, results))
 
     @staticmethod
@@ -175,16 +163,16 @@ class ReplicaPool:
     """`plan.num_replicas` replicas on Ray; `submit` sends one request to the least busy one.
 
     An engine failure (the actor died, or its engine did) makes `failed` restart that replica in
-    its placement group, up to `max_restarts` times; the caller re-queues the request. A failure of
+    its placement group, up to teacher.max_replica_restarts times; the caller re-queues the request. A failure of
     one request (RequestError) leaves the replica alone.
     """
 
-    def __init__(self, spec: EngineSpec, plan: ReplicaPlan, max_restarts: int):
+    def __init__(self, t: TeacherConfig, plan: ReplicaPlan):
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
-        self.spec, self.plan, self.max_restarts = spec, plan, max_restarts
-        self.window = 2 * spec.max_num_seqs
+        self.teacher, self.plan, self.max_restarts = t, plan, t.max_replica_restarts
+        self.window = 2 * t.max_num_seqs
         self.groups = [placement_group(list(plan.bundles), strategy=plan.strategy) for _ in range(plan.num_replicas)]
         ready, _ = ray.wait([pg.ready() for pg in self.groups], num_returns=len(self.groups),
                             timeout=PLACEMENT_TIMEOUT_S)
@@ -206,7 +194,7 @@ class ReplicaPool:
                 pid = ray.get(actor.ready.remote())
             except Exception as exc:
                 self.close()
-                raise RuntimeError(f"teacher replica {i} could not start vLLM for teacher.model={spec.model!r}: "
+                raise RuntimeError(f"teacher replica {i} could not start vLLM for teacher.model={t.model!r}: "
                                    f"{exc}; check teacher.model, teacher.max_model_len and teacher.kv_cache_gib") from None
             log.info("replica %d ready on node %s at %s (pid %d, slot %d)", i, self.nodes[i][:12], self.hosts[i], pid,
                      self.slots[i])
@@ -219,7 +207,7 @@ class ReplicaPool:
                                                     placement_group_capture_child_tasks=True)
         remote_cls = ray.remote(TeacherReplica)
         return remote_cls.options(scheduling_strategy=strategy, max_concurrency=self.window + 8,
-                                  **self.plan.actor_resources).remote(self.spec, self.slots[i])
+                                  **self.plan.actor_resources).remote(self.teacher, self.plan, self.slots[i])
 
     def _load(self) -> dict[int, int]:
         load = {i: 0 for i, ok in enumerate(self.alive) if ok}
@@ -235,10 +223,10 @@ class ReplicaPool:
                                "see the replica errors above; the ledger keeps what was done, rerun to resume")
         return sum(self.window - n for n in self._load().values())
 
-    def submit(self, request: dict) -> Future:
+    def submit(self, request: GenerateRequest | ScoreRequest) -> Future:
         load = self._load()
         i = min(load, key=load.get)
-        method = getattr(self.actors[i], request.get("kind", "generate"))  # "generate" or "score"
+        method = self.actors[i].score if isinstance(request, ScoreRequest) else self.actors[i].generate
         future = method.remote(request).future()
         self.inflight[future] = (i, self.restarts[i])
         return future

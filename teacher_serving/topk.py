@@ -5,7 +5,7 @@ sequences Stage 2 will train on (distil.tokenization.encode_example with train.m
 summarization example (its gold summary) and, when the record is usable (status ok), the extraction
 example (its own key information). Its top-k (teacher.topk_logprobs) over each answer token go to
 the store beside the ledger (distil/teacher_topk.py): arrays first, fsync'd, then the index line,
-through a Ledger, so a rerun skips what is stored and never writes a report twice. Prefill, not the
+through a distil.ledger.Ledger, so a rerun skips what is stored and never writes a report twice. Prefill, not the
 log-probs of the generation: the stored rows then match Stage 2's token sequence exactly, even where
 the generated text does not re-tokenize to the generated ids, and the gold summary needs one anyway.
 Only the train split: Stage 2 trains on nothing else.
@@ -22,11 +22,11 @@ from pathlib import Path
 
 from distil.config import ExperimentConfig
 from distil.data import read_jsonl
-from distil.prompts import PROMPT_VERSION
+from distil.ledger import Ledger
+from distil.teacher_config import annotation_key, is_annotation_of, key_of, record_key
 from distil.teacher_topk import INDEX, sequence_fingerprint, store_dir, to_bytes, tokenizer_fingerprint
 from distil.tokenization import IGNORE, encode_example
-from teacher_serving.annotate import drive
-from teacher_serving.ledger import Ledger, key_of, record_key
+from teacher_serving.pool import ScoreRequest, StartOnFirstUse, drive
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +40,25 @@ class ScoreJob:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
-def score_key(cfg: ExperimentConfig, sampling: dict) -> dict:
-    """What makes two stored distributions of a report the same: the annotation's key, k and the length cut."""
-    return {**sampling, "topk": cfg.teacher.topk_logprobs, "max_length": cfg.train.max_length}
+def score_key(cfg: ExperimentConfig) -> dict:
+    """What makes two stored distributions of a report the same: the annotation's key, with k and the
+    length cut added to its sampling."""
+    annotation = annotation_key(cfg.teacher)
+    sampling = {**annotation["sampling"], "topk": cfg.teacher.topk_logprobs, "max_length": cfg.train.max_length}
+    return {**annotation, "sampling": sampling}
 
 
-def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str], tokenizer,
-               sampling: dict) -> tuple[list[ScoreJob], Counter]:
+def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str],
+               tokenizer) -> tuple[list[ScoreJob], Counter]:
     """A job per train report of teacher.splits with this teacher's annotation and no stored distributions."""
     t = cfg.teacher
-    mine = {r["id"]: r for r in annotations if key_of(r) == record_key(r["id"], t.model, PROMPT_VERSION, sampling)}
+    wanted = annotation_key(t)
+    mine = {r["id"]: r for r in annotations if is_annotation_of(r, wanted)}
     records = read_jsonl(Path(cfg.data.prepared_dir) / "train.jsonl") if "train" in t.splits else []
-    key = score_key(cfg, sampling)
+    key = score_key(cfg)
     jobs, counts = [], Counter()
     for record in records:
-        if record["id"] not in mine or record_key(record["id"], t.model, PROMPT_VERSION, key) in done:
+        if record["id"] not in mine or record_key(record["id"], key) in done:
             continue
         answers = {"summarize": record["summary"]}
         annotation = mine[record["id"]]
@@ -78,10 +82,10 @@ def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str], t
 class TopkWriter:
     """Appends arrays to a new part file and index lines to the store's index (see distil/teacher_topk.py)."""
 
-    def __init__(self, folder: Path, teacher: str, tokenizer_id: str, key: dict):
-        self.folder, self.teacher, self.tokenizer_id, self.key = folder, teacher, tokenizer_id, key
+    def __init__(self, folder: Path, tokenizer_id: str, key: dict):
+        self.folder, self.tokenizer_id, self.key = folder, tokenizer_id, key
         folder.mkdir(parents=True, exist_ok=True)
-        self.index = Ledger(folder / INDEX)  # also the lock: one writer per store
+        self.index = Ledger(folder / INDEX, key=key_of)  # also the lock: one writer per store
         self.part = folder / f"part-{len(list(folder.glob('part-*.bin'))):05d}.bin"
         self._file = None
         self.bytes, self.write_s = 0, 0.0
@@ -98,8 +102,8 @@ class TopkWriter:
                 tasks[task] = {"offset": self._file.tell(), "tokens": len(ids), "sequence": job.fingerprints[task]}
                 self._file.write(data)
                 self.bytes += len(data)
-            lines.append({"id": job.record["id"], "teacher": self.teacher, "prompt_version": PROMPT_VERSION,
-                          "sampling": self.key, "tokenizer": self.tokenizer_id, "k": self.key["topk"],
+            lines.append({"id": job.record["id"], **self.key, "tokenizer": self.tokenizer_id,
+                          "k": self.key["sampling"]["topk"],
                           "file": self.part.name, "tasks": tasks})
         self._file.flush()
         os.fsync(self._file.fileno())  # the arrays are on disk before any line points at them
@@ -112,14 +116,14 @@ class TopkWriter:
         self.index.close()
 
 
-def score(cfg: ExperimentConfig, get_pool, annotations: list[dict], tokenizer, sampling: dict) -> dict:
-    """Store the teacher's top-k for every train report still without them (`get_pool()` starts the
-    replicas if the generation pass did not); the counts and the storage of this pass."""
+def score(cfg: ExperimentConfig, pool: StartOnFirstUse, annotations: list[dict], tokenizer) -> dict:
+    """Store the teacher's top-k for every train report still without them; the counts and the storage
+    of this pass."""
     t = cfg.teacher
     folder = store_dir(cfg.data.key_info_path)
-    writer = TopkWriter(folder, t.model, tokenizer_fingerprint(tokenizer), score_key(cfg, sampling))
+    writer = TopkWriter(folder, tokenizer_fingerprint(tokenizer), score_key(cfg))
     try:
-        jobs, counts = score_jobs(cfg, annotations, writer.index.done, tokenizer, sampling)
+        jobs, counts = score_jobs(cfg, annotations, writer.index.done, tokenizer)
         log.info("teacher top-k (k=%d): %d report(s) to score, %d already in %s", t.topk_logprobs, len(jobs),
                  len(writer.index.records), folder)
         if counts["too_long"]:
@@ -134,11 +138,12 @@ def score(cfg: ExperimentConfig, get_pool, annotations: list[dict], tokenizer, s
             counts["scored"] += len(answered)
             return []
 
-        pool = get_pool() if jobs else None
-        started = time.perf_counter()  # first request to last write: no engine start or stop
         if jobs:
-            request = lambda job: {"kind": "score", "topk": t.topk_logprobs, "sequences": job.sequences}  # noqa: E731
-            counts += drive(pool, jobs, request, accept, t.max_attempts)
+            pool.start()  # before the clock: no engine start or stop in this pass's time
+        started = time.perf_counter()
+        if jobs:
+            counts += drive(pool, jobs, lambda job: ScoreRequest(t.topk_logprobs, job.sequences), accept,
+                            t.max_attempts)
         return {"reports": counts["scored"], "failed": counts["failed"], "too_long": counts["too_long"],
                 "answer_tokens": tokens, "bytes": writer.bytes, "seconds": round(time.perf_counter() - started, 3),
                 "write_seconds": round(writer.write_s, 3),

@@ -269,13 +269,16 @@ def write_ledger(config: Path, missing: int = 2) -> None:
 
     import yaml
 
+    from distil.config import load_config
     from distil.data import read_jsonl
+    from distil.teacher_config import annotation_key
 
     data = yaml.safe_load(config.read_text())["data"]
     rows = read_jsonl(Path(data["prepared_dir"]) / "train.jsonl")
+    teacher = annotation_key(load_config(config).teacher)  # as Stage 1 writes them for this config
     Path(data["key_info_path"]).write_text("".join(
-        json.dumps({"id": r["id"], "lang": r["lang"], "status": "ok", "key_info": "Key facts: " + r["summary"][:160]})
-        + "\n" for r in rows[missing:]))
+        json.dumps({"id": r["id"], "lang": r["lang"], "status": "ok", "key_info": "Key facts: " + r["summary"][:160],
+                    **teacher}) + "\n" for r in rows[missing:]))
 
 
 def processes_mentioning(text: str) -> list[str]:

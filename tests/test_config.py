@@ -66,3 +66,10 @@ def test_a_renamed_key_says_its_new_name(tmp_path):
     path.write_text("teacher:\n  batch_size: 64\n")
     with pytest.raises(ConfigError, match=r"teacher\.batch_size: renamed to teacher\.max_num_seqs"):
         load_config(path)
+
+
+def test_the_config_reference_in_docs_is_current():
+    from distil.config import reference_table
+
+    assert reference_table() in (REPO / "docs/config.md").read_text(), \
+        "docs/config.md is stale: regenerate its table with the command in its header"

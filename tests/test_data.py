@@ -118,12 +118,13 @@ def test_json_and_jsonl_sources(tmp_path):
 
 def test_key_info_join_counts_reports_without_key_info(tmp_path):
     ledger = tmp_path / "key_info.jsonl"
-    ledger.write_text("\n".join(json.dumps(r) for r in [
+    teacher = {"teacher": "t", "prompt_version": "v1", "sampling": {"temperature": 0.0}}
+    ledger.write_text("\n".join(json.dumps({**r, **teacher}) for r in [
         {"id": "a", "key_info": "KI a", "status": "ok"},
         {"id": "b", "key_info": "", "status": "failed_empty"},
     ]) + "\n")
     records = [{"id": i, "lang": "en", "report": f"R {i}", "summary": f"S {i}"} for i in ("a", "b")]
-    examples, counts = training_examples(records, load_key_info(ledger), gamma=0.8)
+    examples, counts = training_examples(records, load_key_info(ledger, teacher), gamma=0.8)
     assert [(e["id"], e["task"], e["answer"]) for e in examples] == [
         ("a", "summarize", "S a"), ("a", "extract", "KI a"), ("b", "summarize", "S b")]
     assert counts == {"reports": 2, "summarize": 2, "extract": 1, "missing_key_info": 1}

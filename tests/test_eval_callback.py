@@ -44,8 +44,9 @@ def test_callback_logs_generation_scores_every_n_steps(tmp_path, prepared_dir, t
     entries = [e for e in trainer.state.log_history if "gen_rouge1" in e]
     assert [e["step"] for e in entries] == [2, 4]
     for e in entries:
-        assert set(e) >= {"gen_bertscore_f1", "gen_rouge1", "gen_rouge2", "gen_rougeL", "gen_empty"}
-        assert 0.0 <= e["gen_rouge1"] <= 1.0
+        assert set(e) >= {"gen_bertscore_f1", "gen_rouge1", "gen_rouge2", "gen_rougeL", "gen_empty", "gen_copy4",
+                          "gen_unsupported_numbers", "gen_novel_terms", "gen_repeat4"}
+        assert all(0.0 <= e[f"gen_{m}"] <= 1.0 for m in ("rouge1", "unsupported_numbers", "novel_terms", "repeat4"))
     lines = [json.loads(x) for x in (tmp_path / "run" / "generation_eval.jsonl").read_text().splitlines()]
     assert lines == entries
     assert model.training  # handed back in training mode

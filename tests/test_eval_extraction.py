@@ -57,12 +57,16 @@ def test_entity_scores_micro_average_and_counts():
 
 
 def test_launch_with_extraction(tmp_path, prepared_dir, tiny_model, capsys):
+    from distil.config import load_config
     from distil.data import read_jsonl
+    from distil.teacher_config import annotation_key
     from launch import evaluate as launch_evaluate
 
     ledger = tmp_path / "key_info.jsonl"
     test_ids = [r["id"] for r in read_jsonl(prepared_dir / "test.jsonl")][:3]
-    ledger.write_text("".join(json.dumps({"id": i, "key_info": TEACHER, "status": "ok"}) + "\n" for i in test_ids))
+    teacher = annotation_key(load_config("launch/configs/tiny_cpu.yaml").teacher)  # as Stage 1 writes them
+    ledger.write_text("".join(json.dumps({"id": i, "key_info": TEACHER, "status": "ok", **teacher}) + "\n"
+                              for i in test_ids))
     out = tmp_path / "eval"
     argv = ["--config", "launch/configs/tiny_cpu.yaml", "--models", f"student={tiny_model}",
             f"data.prepared_dir={prepared_dir}", f"data.key_info_path={ledger}", f"eval.output_dir={out}",

@@ -99,3 +99,16 @@ def test_vllm_matches_hf_greedy_and_restarts_per_model(tmp_path, lively_model, r
     assert len({r["prediction"] for r in hf_rows}) >= 3  # varied text, so the comparison below means something
     same = sum(v["prediction"] == h["prediction"] for v, h in zip(vllm_rows, hf_rows))
     assert same >= 4, [(v["prediction"], h["prediction"]) for v, h in zip(vllm_rows, hf_rows)]
+
+
+def test_frequency_penalty_counts_the_answer_so_far_not_the_prompt():
+    """transformers' twin of vLLM's frequency_penalty: logit - penalty x count of the token in the answer."""
+    import torch
+
+    from eval.generate import FrequencyPenalty
+
+    ids = torch.tensor([[5, 2, 2, 2],    # prompt [5, 2], answer [2, 2]
+                        [0, 3, 3, 4]])   # prompt [0, 3], answer [3, 4]
+    out = FrequencyPenalty(0.5, prompt_width=2)(ids, torch.zeros(2, 6))
+    assert out.tolist() == [[0.0, 0.0, -1.0, 0.0, 0.0, 0.0],
+                            [0.0, 0.0, 0.0, -0.5, -0.5, 0.0]]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer, tokenizers
 
-from eval.metrics import UnicodeTokenizer, bootstrap_ci, copied_ngram_share, rouge, word_count
+from eval.metrics import UnicodeTokenizer, bootstrap_ci, copied_ngram_share, repeated_ngram_share, rouge, word_count
 
 
 def test_paper_mode_hand_computed_pair():
@@ -102,3 +102,13 @@ def test_copy4_counts_the_prediction_4grams_found_in_the_report():
     assert copied_ngram_share("fever and cough", report) == 0.0  # under 4 words: nothing to copy
     assert copied_ngram_share("Fiebre alta y tos seca", "fiebre alta y tos seca") == 1.0
     assert copied_ngram_share("", report) == 0.0
+
+
+def test_repeat4_counts_the_4grams_seen_earlier_in_the_same_prediction():
+    # 12 words, 9 4-grams; the second "the cat sat on the mat" repeats (the cat sat on), (cat sat on the),
+    # (sat on the mat): 3 of 9. Case and punctuation do not matter.
+    assert repeated_ngram_share("The cat sat on the mat. The cat sat on the MAT") == pytest.approx(3 / 9)
+    assert repeated_ngram_share("fiebre alta y tos seca") == 0.0      # no loop
+    assert repeated_ngram_share("a b c d a b c d") == pytest.approx(1 / 5)
+    assert repeated_ngram_share("fever and cough") == 0.0             # under 4 words
+    assert repeated_ngram_share("") == 0.0

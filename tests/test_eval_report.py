@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 from distil.config import EvalConfig
 from distil.data import DataError
-from eval.report import aggregate, markdown_table, speed, speed_markdown, write_report
+from eval.report import aggregate, faithfulness_table, markdown_table, speed, speed_markdown, write_report
 from eval.scoring import align, score_predictions
 
 REFS = [
@@ -63,13 +63,33 @@ def test_score_rows_hold_metrics_lengths_and_timing():
     assert counts == {"references": 3, "missing": 1, "empty": 0, "scored": 2}
     assert rows[0] == {"id": "en_1", "lang": "en", "bertscore_p": 0.5, "bertscore_r": 0.25, "bertscore_f1": 1 / 3,
                        "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "pred_words": 3, "ref_words": 3,
-                       "copy4": 0.0, "ref_copy4": 0.0, "gen_tokens": 4, "seconds": 0.5}
+                       "copy4": 0.0, "ref_copy4": 0.0, "unsupported_numbers": 0.0, "ref_unsupported_numbers": 0.0,
+                       "novel_terms": 0.0, "ref_novel_terms": 0.0, "repeat4": 0.0, "ref_repeat4": 0.0,
+                       "pred_numbers": 0, "pred_numbers_unsupported": 0,
+                       "ref_numbers": 0, "ref_numbers_unsupported": 0,
+                       "gen_tokens": 4, "seconds": 0.5}
     assert rows[1]["rouge1"] == 1.0 and rows[1]["lang"] == "es"
+
+
+def test_score_rows_hold_what_rouge_misses_for_the_prediction_and_the_gold_summary():
+    refs = [{"id": "en_1", "lang": "en", "report": "Fever of 38.5 for 3 days, treated with amoxicillin.",
+             "summary": "Fever for 3 days treated with amoxicillin."}]
+    text = "Fever for 5 days, MRA normal. Fever for 5 days, MRA normal."
+    row = score_predictions(refs, {"en_1": pred("en_1", "en", text)}, "unicode", ConstantBertScore())[0][0]
+    # numbers 5, 5: neither in the report. Content words fever days mra normal x2 (for: stop word): mra and
+    # normal are new, 4 of 8. 12 words, 9 4-grams: the last 3 (fever for 5 days ... 5 days mra normal) repeat.
+    assert (row["unsupported_numbers"], row["pred_numbers"], row["pred_numbers_unsupported"]) == (1.0, 2, 2)
+    assert row["novel_terms"] == pytest.approx(4 / 8) and row["repeat4"] == pytest.approx(3 / 9)
+    assert (row["ref_unsupported_numbers"], row["ref_novel_terms"], row["ref_repeat4"]) == (0.0, 0.0, 0.0)
+    assert (row["ref_numbers"], row["ref_numbers_unsupported"]) == (1, 0)
 
 
 def metric_row(lang, value, **kw):
     return {"lang": lang, "bertscore_p": value, "bertscore_r": value, "bertscore_f1": value,
-            "rouge1": value, "rouge2": value / 2, "rougeL": value, "copy4": value / 4, **kw}
+            "rouge1": value, "rouge2": value / 2, "rougeL": value, "copy4": value / 4,
+            "unsupported_numbers": value / 10, "novel_terms": value / 5, "repeat4": value / 2,
+            "ref_copy4": 0.1, "ref_unsupported_numbers": 0.0, "ref_novel_terms": 0.2, "ref_repeat4": 0.0,
+            "pred_numbers": 10, "pred_numbers_unsupported": 1, "ref_numbers": 8, "ref_numbers_unsupported": 0, **kw}
 
 
 def test_aggregate_means_per_language_and_all():
@@ -92,6 +112,19 @@ def test_markdown_table_layout():
     assert lines[4] == "| All | base | 1 | 20.00 | 20.00 | 20.00 | 20.00 | 10.00 | 20.00 | 5.00 |"
     assert ("| EN | base | 1 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 20.0–20.0 | 10.0–10.0 | 20.0–20.0 | 5.0–5.0 |"
             in lines)
+
+
+def test_faithfulness_table_beside_the_gold_rates():
+    scores = {"base": [metric_row("en", 0.2), metric_row("en", 0.4)]}
+    agg = aggregate(scores, samples=10, seed=0)
+    assert agg[0]["unsupported_numbers"] == pytest.approx(0.03) and agg[0]["ref_novel_terms"] == pytest.approx(0.2)
+    assert (agg[0]["pred_numbers"], agg[0]["pred_numbers_unsupported"], agg[0]["ref_numbers"]) == (20, 2, 16)
+    lines = faithfulness_table(agg).splitlines()
+    assert lines[0] == ("| Language | Model | n | unsupported numbers | gold | novel terms | gold | repeat4 | gold "
+                        "| numbers (unsupported) | gold numbers (unsupported) |")
+    lo, hi = 100 * agg[0]["unsupported_numbers_lo"], 100 * agg[0]["unsupported_numbers_hi"]
+    assert lines[2].startswith(f"| EN | base | 2 | 3.00 ({lo:.1f}–{hi:.1f}) | 0.00 | 6.00 (")
+    assert lines[2].endswith("| 15.00 (10.0–20.0) | 0.00 | 20 (2) | 16 (0) |")
 
 
 def test_speed_and_cost_against_the_teacher():
@@ -122,6 +155,12 @@ def test_write_report_files(tmp_path):
     assert (tmp_path / "plots/length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["counts"] == counts and len(saved["scores"]) == 6
+    for row in saved["scores"]:  # fractions, as every other metric; the tables show points
+        for m in ("unsupported_numbers", "novel_terms", "repeat4", "ref_unsupported_numbers", "ref_novel_terms",
+                  "ref_repeat4"):
+            assert 0.0 <= row[m + "_lo"] <= row[m] <= row[m + "_hi"] <= 1.0, m
+    assert saved["lower_is_better"] == ["unsupported_numbers", "novel_terms", "repeat4"]
+    assert "## Faithfulness" in markdown and "| PT | teacher | 1 | 6.00 (6.0–6.0) | 0.00 |" in markdown
     assert "| PT | teacher | 1 |" in markdown and "× faster" in markdown
     # on CPU the speed table names the machine, not a GPU count, and prices nothing
     assert f"| base | CPU ({os.cpu_count()} cores) |" in markdown and "— (CPU)" in markdown
@@ -140,15 +179,32 @@ def test_showcase_puts_one_report_beside_every_summary(tmp_path):
     from eval.showcase import showcase, showcase_markdown
 
     ledger = tmp_path / "k.jsonl"
-    ledger.write_text(json.dumps({"id": "a", "status": "ok", "key_info": "fever, cough"}) + "\n")
+    annotation = {"teacher": "t", "prompt_version": 1, "sampling": {"temperature": 0.0}}
+    ledger.write_text(json.dumps({"id": "a", "status": "ok", "key_info": "fever, cough", **annotation}) + "\n")
     records = [{"id": "a", "lang": "en", "report": "Line one.\nLine two.", "summary": "Gold."}]
-    item = showcase(records, {"base": {"a": {"prediction": "Base says."}}, "student": {}}, "a", str(ledger))
+    item = showcase(records, {"base": {"a": {"prediction": "Base says."}}, "student": {}}, "a", str(ledger),
+                    annotation)
     assert item == {"id": "a", "lang": "en", "report": "Line one.\nLine two.", "gold_summary": "Gold.",
                     "teacher_key_info": "fever, cough", "summaries": {"base": "Base says.", "student": None}}
     text = showcase_markdown(item)
     assert "> Line one.\n> Line two." in text and "**Summary by student**\n\n> (none)" in text
     with pytest.raises(DataError, match="eval.showcase_id 'zz' is not in the evaluated split"):
-        showcase(records, {}, "zz", None)
+        showcase(records, {}, "zz", None, annotation)
+
+
+def test_showcase_marks_what_the_report_does_not_support():
+    from eval.showcase import mark_unsupported, showcase_markdown
+
+    report = "A 45-year-old man had fever of 38.5 °C; CRP 1,200 mg/l."
+    # 12 is no number of the report; MRA and performed are no words of it; 45, 38,5 and 1 200 are
+    assert mark_unsupported("A 45-year-old: MRA performed, CRP 12 mg/l, 38,5 °C, 1 200", report, "en") == (
+        "A 45-year-old: **MRA** **performed**, CRP **12** mg/l, 38,5 °C, 1 200", ["MRA", "performed", "12"])
+    item = {"id": "a", "lang": "en", "report": report, "gold_summary": "Man, 45, with fever.",
+            "teacher_key_info": None, "summaries": {"base": "MRA: 12 mg. MRA: 12 mg.", "student": None}}
+    text = showcase_markdown(item)
+    assert "> **MRA**: **12** mg. **MRA**: **12** mg.\n\nNot in the report: MRA, 12\n" in text
+    assert "> Man, 45, with fever.\n\nNot in the report: nothing\n" in text  # the gold summary, checked alike
+    assert "**Summary by student**\n\n> (none)\n" in text
 
 
 def test_a_showcase_id_outside_the_split_is_refused_before_any_generation(tmp_path):

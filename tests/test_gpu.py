@@ -33,7 +33,8 @@ import torch
 
 from conftest import REPO, free_port
 from distil.backend import choose_backend
-from distil.plan import load_architecture, logits_bytes
+from distil.architecture import load_architecture
+from distil.plan import logits_bytes
 from distil.tokenization import IGNORE
 
 QWEN_05B = REPO / "launch" / "configs" / "models" / "Qwen2.5-0.5B"

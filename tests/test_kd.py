@@ -19,7 +19,7 @@ import yaml
 
 from conftest import REPO, free_port
 from distil.data import read_jsonl, write_jsonl
-from distil.kd_loss import KDTerm, generalized_jsd, student_buckets, teacher_buckets, token_kd
+from distil.kd_loss import generalized_jsd, student_buckets, teacher_buckets, token_kd
 from distil.loss import chunked
 from distil.teacher_topk import TopkStore, TopkStoreError, sequence_fingerprint, store_dir, tokenizer_fingerprint
 
@@ -126,7 +126,8 @@ def _write_store(folder: Path, tokenizer, examples: list[dict], k: int = 4) -> N
     """Entries whose first top-k column is the answer token itself (as a teacher sure of the text)."""
     from teacher_serving.topk import ScoreJob, TopkWriter
 
-    writer = TopkWriter(folder, "teacher-x", tokenizer_fingerprint(tokenizer), {"topk": k})
+    writer = TopkWriter(folder, tokenizer_fingerprint(tokenizer),
+                        {"teacher": "teacher-x", "prompt_version": "v1", "sampling": {"topk": k}})
     jobs: dict[str, tuple] = {}  # one index line per report, holding its tasks
     for ex in examples:
         answer = [t for t in ex["labels"] if t != -100]
@@ -268,8 +269,10 @@ def test_stage1_stores_the_teachers_top_k_once_per_report(stage1, lively_model):
 
 def _train_config(tmp: Path, prepared: Path, ledger: Path, student: Path, name: str) -> Path:
     config = tmp / f"{name}.yaml"
+    stage1 = yaml.safe_load((ledger.parent / "stage1.yaml").read_text())
     config.write_text(yaml.safe_dump({
         "data": {"prepared_dir": str(prepared), "key_info_path": str(ledger)},
+        "teacher": stage1["teacher"],  # the teacher whose answers Stage 2 takes from the ledger
         "model": {"name_or_path": str(student)},
         "loss": {"gamma": 0.8, "lm_head_chunk_tokens": 64, "kd_alpha": 1.0, "kd_beta": 0.5},
         "train": {"output_dir": str(tmp / name), "max_length": 512, "pack_length": 1024, "max_steps": 5,

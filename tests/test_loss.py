@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import free_port
-from distil.loss import EXTRACT, SUMMARIZE, chunked_cross_entropy, distil_loss, task_token_counts
+from distil.loss import EXTRACT, SUMMARIZE, chunked_cross_entropy, distil_loss, step_loss, task_token_counts
 from distil.packing import collate_packed
 from distil.tokenization import IGNORE, encode_example
 from distil.trainer import packed_loss
@@ -28,6 +28,18 @@ def test_distil_loss_hand_computed():
     # the same tokens seen as one micro-batch of a step with 4 + 6 labelled tokens in total
     part, _ = distil_loss(ce, task, 0.8, torch.tensor([4, 6]))
     assert part.item() == pytest.approx(0.8 * 4 / 4 + 0.2 * 12 / 6, abs=1e-6)
+
+
+def test_step_loss_mixes_kd_per_token_and_undoes_the_rank_average():
+    ce = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0])
+    kd = torch.tensor([0.5, 0.0, 1.0, 1.0, 0.0])  # 0 where a token has no teacher top-k
+    task = torch.tensor([SUMMARIZE, SUMMARIZE, EXTRACT, EXTRACT, EXTRACT])
+    loss, parts = step_loss(ce, kd, task, 0.8, 2.0, torch.tensor([4, 6]), world_size=2)
+    # tokens: ce + 2*kd = [2, 3 | 4, 6, 6]; L = (0.8 * 5/4 + 0.2 * 16/6) * 2 ranks
+    assert loss.item() == pytest.approx((0.8 * 5 / 4 + 0.2 * 16 / 6) * 2, abs=1e-6)
+    assert parts.tolist() == [4.0, 12.0, 0.5, 2.0]  # CE per task, then KD per task
+    plain, parts = step_loss(ce, None, task, 0.8, 2.0, torch.tensor([2, 3]), world_size=1)  # KD off
+    assert plain.item() == pytest.approx(2.4, abs=1e-6) and parts.tolist() == [4.0, 12.0, 0.0, 0.0]
 
 
 def test_gamma_one_and_missing_task_give_no_nan():

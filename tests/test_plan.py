@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distil.plan import (GiB, Architecture, activation_bytes, buffer_bytes, bundled_models, kv_bytes_per_token,
-                         layer_activation_bytes_per_token, load_architecture, logits_bytes, model_states,
-                         parameter_counts, plan_student, plan_teacher)
+from distil.architecture import Architecture, bundled_models, load_architecture
+from distil.plan import (GiB, activation_bytes, buffer_bytes, kv_bytes_per_token, layer_activation_bytes_per_token,
+                         logits_bytes, model_states, parameter_counts, plan_student, plan_teacher)
 
 # published sizes: 0.49B, 1.54B, 3.09B, 7.61B, 72.7B
 PUBLISHED = {"Qwen2.5-0.5B": 494_032_768, "Qwen2.5-1.5B": 1_543_714_304, "Qwen2.5-3B": 3_085_938_688,
@@ -27,7 +27,7 @@ def test_parameter_counts_match_transformers(name):
     """Build the real model on the meta device (no memory) and count its parameters and its largest
     module the way DeepSpeed's estimate_zero3_model_states_mem_needs_all_live does."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from distil.plan import MODELS_DIR
+    from distil.architecture import MODELS_DIR
 
     config = AutoConfig.from_pretrained(MODELS_DIR / name)
     with torch.device("meta"):

@@ -4,6 +4,8 @@ rerun skips every finished arm."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -45,8 +47,12 @@ def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
     result = json.loads((tmp_path / "quality.json").read_text())
     for arm in ("base", "standard", "distil", "standard_matched", "distil_kd"):
         assert result[arm]["n"] == 4
-        assert set(result[arm]) >= {"rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "n", "train_tokens", "wall_s"}
-        assert all(0 <= result[arm][m] <= 100 for m in ("rougeL", "rouge1", "rouge2", "copy4"))
+        assert set(result[arm]) >= {"rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "n", "train_tokens",
+                                    "wall_s", "unsupported_numbers", "novel_terms", "repeat4", "gold_summaries"}
+        assert all(0 <= result[arm][m] <= 100 for m in ("rougeL", "rouge1", "rouge2", "copy4", "unsupported_numbers",
+                                                         "novel_terms", "repeat4"))
+    assert result["lower_is_better"] == ["unsupported_numbers", "novel_terms", "repeat4"]
+    assert set(result["gold_summaries"]) == {"ref_copy4", "ref_unsupported_numbers", "ref_novel_terms", "ref_repeat4"}
     assert result["base"]["train_tokens"] == 0 < result["standard"]["train_tokens"] < result["distil"]["train_tokens"]
     # the matched arm sees as many supervised tokens as distil (its epochs are scaled to match)
     assert result["standard_matched"]["train_tokens"] == pytest.approx(result["distil"]["train_tokens"], rel=0.01)
@@ -56,6 +62,7 @@ def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
     store = result["distil_kd"]["kd"]["store"]
     assert store["answer_tokens"] > 0 and 6 * 20 < store["bytes_per_token"] < 6 * 20 + 100
     for pair in ("distil_minus_base", "distil_minus_standard", "distil_minus_standard_matched", "distil_kd_minus_distil"):
+        assert "repeat4" in result["paired"][pair]
         for mean, lo, hi in result["paired"][pair].values():
             assert lo <= mean <= hi
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -71,3 +78,54 @@ def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
     assert json.loads((tmp_path / "quality.json").read_text())["paired"] == result["paired"]
     other = subprocess.run([*command, "train.learning_rate=1e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "other settings" in other.stdout + other.stderr
+
+
+def quality_bench():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_per_report(folder, bench):
+    rows = [{"model": "base", "id": f"r{i}", **{m: 0.1 * i for m in bench.METRICS}, **{m: 0.05 for m in bench.GOLD}}
+            for i in (1, 2)] + [{"model": "other", "id": "r9", **{m: 1.0 for m in (*bench.METRICS, *bench.GOLD)}}]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "per_report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_arm_result_reads_what_rouge_misses_and_the_gold_rates(tmp_path):
+    bench = quality_bench()
+    means, per_report, gold = bench.arm_result(write_per_report(tmp_path, bench), "base")
+    assert means["repeat4"] == pytest.approx(15.0) and per_report["r2"]["unsupported_numbers"] == pytest.approx(20.0)
+    assert gold == {m: 5.0 for m in bench.GOLD}
+
+
+def test_a_kept_arm_without_the_new_metrics_is_scored_again_only_from_kept_predictions(tmp_path, capsys):
+    bench = quality_bench()
+    kept = tmp_path / "base.json"
+    kept.write_text(json.dumps({"rougeL": 10.0, "n": 2, "wall_s": 5.0, "per_report": {"r1": {"rougeL": 10.0}}}))
+    eval_dir = tmp_path / "eval" / "base"
+    bench.refresh_kept(kept, "base", eval_dir, evaluate=lambda: pytest.fail("no predictions: nothing to score"))
+    assert "lacks ['rouge1'" in capsys.readouterr().out and json.loads(kept.read_text())["n"] == 2
+    (eval_dir / "predictions").mkdir(parents=True)
+    (eval_dir / "predictions" / "base.jsonl").write_text("")
+    bench.refresh_kept(kept, "base", eval_dir, evaluate=lambda: write_per_report(eval_dir, bench))
+    result = json.loads(kept.read_text())
+    assert result["repeat4"] == pytest.approx(15.0) and result["wall_s"] == 5.0 and result["n"] == 2
+    assert result["gold_summaries"]["ref_repeat4"] == 5.0 and set(result["per_report"]) == {"r1", "r2"}
+    assert "done before, scored again for" in capsys.readouterr().out
+    bench.refresh_kept(kept, "base", eval_dir, evaluate=lambda: pytest.fail("complete: nothing to score"))
+
+
+def test_paired_differences_use_the_metrics_both_arms_recorded():
+    """Arms kept from a run before unsupported_numbers, novel_terms and repeat4 existed lack them."""
+    bench = quality_bench()
+    old = {"r1": {"rougeL": 10.0, "copy4": 30.0}, "r2": {"rougeL": 20.0, "copy4": 30.0}}
+    new = {"r1": {"rougeL": 12.0, "copy4": 20.0, "repeat4": 5.0}, "r2": {"rougeL": 22.0, "copy4": 20.0, "repeat4": 0.0}}
+    assert bench.paired(new, old, samples=20, seed=0) == {"rougeL": [2.0, 2.0, 2.0], "copy4": [-10.0, -10.0, -10.0]}
+    assert bench.paired(new, new, samples=20, seed=0)["repeat4"] == [0.0, 0.0, 0.0]

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from distil.config import ConfigError, TeacherConfig, load_config
-from teacher_serving.annotate import Item, fit_prompts, request, sampling_key
+from distil.teacher_config import sampling_key
+from teacher_serving.annotate import Item, fit_prompts, request
 from teacher_serving.answers import classify, key_info_schema
 from teacher_serving.grounding import extract_facts, grounding_score, summarize_grounding
 
@@ -40,11 +41,11 @@ def test_grounding_score_by_hand():
 def test_retries_sample_at_retry_temperature_with_a_new_seed():
     t = TeacherConfig(temperature=0.0, retry_temperature=0.7, seed=3, max_new_tokens=16, max_model_len=64)
     item = Item({"id": "x", "lang": "en", "report": "r"}, [{"role": "user", "content": "r"}])
-    assert request(item, t, None)["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 3,
+    assert request(item, t, None).sampling == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 3,
                                                   "stop": []}
     item.attempts = 2
-    assert request(item, t, None)["sampling"]["temperature"] == 0.7
-    assert request(item, t, None)["sampling"]["seed"] == 5
+    assert request(item, t, None).sampling["temperature"] == 0.7
+    assert request(item, t, None).sampling["seed"] == 5
     assert sampling_key(t)["temperature"] == 0.0  # the ledger key is the configured sampling
 
 
@@ -53,9 +54,9 @@ def test_repetition_penalty_reaches_every_try_and_keys_the_ledger_only_when_set(
     assert "repetition_penalty" not in sampling_key(plain)  # ledgers from before the option keep their keys
     t = TeacherConfig(max_new_tokens=16, max_model_len=64, repetition_penalty=1.15)
     item = Item({"id": "x", "lang": "en", "report": "r"}, [{"role": "user", "content": "r"}])
-    assert request(item, t, None)["sampling"]["repetition_penalty"] == 1.15
+    assert request(item, t, None).sampling["repetition_penalty"] == 1.15
     item.attempts = 1
-    assert request(item, t, None)["sampling"]["repetition_penalty"] == 1.15
+    assert request(item, t, None).sampling["repetition_penalty"] == 1.15
     assert sampling_key(t) == {**sampling_key(plain), "repetition_penalty": 1.15}
 
 

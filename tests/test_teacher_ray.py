@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from distil.config import TeacherConfig
+from distil.config import TeacherConfig, load_config
 from distil.data import load_key_info, read_jsonl, write_jsonl
+from distil.teacher_config import annotation_key
 from ray_cluster import ray_env, running_cluster
 
 BIN = Path(sys.executable).parent
@@ -133,7 +134,7 @@ def test_prompts_that_cannot_fit_are_recorded_as_skipped_without_an_engine(small
     assert main(["--config", str(config), "--no-progress"]) == 0
     records = read_jsonl(ledger)
     assert len(records) == 20 and {r["status"] for r in records} == {"skipped_too_long"}
-    assert load_key_info(ledger) == {}
+    assert load_key_info(ledger, annotation_key(load_config(config).teacher)) == {}
 
 
 # ---- one engine, driven in-process through the pool: retries, JSON mode, engine failure ----
@@ -144,13 +145,14 @@ def pool(ray_head, tiny_model):
     import ray
 
     from teacher_serving.placement import plan_replicas
-    from teacher_serving.replica import EngineSpec, ReplicaPool
+    from teacher_serving.replica import ReplicaPool
 
     ray.init(address=ray_head.gcs)
-    spec = EngineSpec(model=str(tiny_model), tensor_parallel_size=1, pipeline_parallel_size=1, max_model_len=1024,
-                      dtype="float32", seed=0, kv_cache_gib=0.5, enforce_eager=True, json_mode=True)
+    engine = TeacherConfig(model=str(tiny_model), tensor_parallel_size=1, max_model_len=1024, max_new_tokens=512,
+                           dtype="float32", seed=0, kv_cache_gib=0.5, enforce_eager=True, key_info_format="json",
+                           max_replica_restarts=1)
     plan = plan_replicas([n["Resources"] for n in ray.nodes() if n["Alive"]], num_replicas=1)
-    pool = ReplicaPool(spec, plan, max_restarts=1)
+    pool = ReplicaPool(engine, plan)
     yield pool
     pool.close()
     ray.shutdown()
@@ -170,7 +172,7 @@ def items_for(small_prepared, tiny_model, n):
 @pytest.mark.timeout(600)
 def test_cut_answers_are_retried_then_recorded_with_their_status(pool, small_prepared, tiny_model, tmp_path):
     from teacher_serving.annotate import run
-    from teacher_serving.ledger import Ledger
+    from teacher_serving.annotate import annotation_ledger as Ledger
 
     t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=8, max_attempts=3)
     with Ledger(tmp_path / "k.jsonl") as ledger:
@@ -184,7 +186,7 @@ def test_cut_answers_are_retried_then_recorded_with_their_status(pool, small_pre
 def test_json_mode_every_answer_parses(pool, small_prepared, tiny_model, tmp_path):
     from teacher_serving.annotate import run
     from teacher_serving.answers import STRING_FIELDS, LIST_FIELDS
-    from teacher_serving.ledger import Ledger
+    from teacher_serving.annotate import annotation_ledger as Ledger
 
     t = TeacherConfig(model=str(tiny_model), max_model_len=1024, max_new_tokens=512, key_info_format="json",
                       json_max_field_chars=16, grounding_threshold=0.5)
@@ -205,7 +207,7 @@ def test_engine_failure_restarts_the_replica_and_requeues_its_rows(pool, small_p
     import ray
 
     from teacher_serving.annotate import run
-    from teacher_serving.ledger import Ledger
+    from teacher_serving.annotate import annotation_ledger as Ledger
 
     actor_pid = ray.get(pool.actors[0].ready.remote())
     engine = psutil.Process(actor_pid).children(recursive=True)
@@ -226,7 +228,7 @@ def test_a_failed_request_costs_that_report_only(pool, small_prepared, tiny_mode
     """A request the engine refuses (a prompt over max_model_len, as from a tokenizer that measures
     differently) fails alone: the other reports are answered, the replica is not restarted."""
     from teacher_serving.annotate import run
-    from teacher_serving.ledger import Ledger
+    from teacher_serving.annotate import annotation_ledger as Ledger
 
     items = items_for(small_prepared, tiny_model, 5)
     items[2].messages = [{"role": "user", "content": "word " * 3000}]  # far over the engine's 1024 tokens

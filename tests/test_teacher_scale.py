@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from distil.config import TeacherConfig
 from distil.data import read_jsonl
 from ray_cluster import ray_env, running_cluster
 
@@ -38,11 +39,10 @@ def cluster():
 
 
 def spec_for(model, tp: int):
-    from teacher_serving.replica import EngineSpec
-
-    return EngineSpec(model=str(model), tensor_parallel_size=tp, pipeline_parallel_size=1, max_model_len=1024,
-                      dtype="float32", seed=0, kv_cache_gib=0.25, enforce_eager=True, json_mode=False,
-                      executor_backend="mp" if tp > 1 else None, cpu_threads=1, max_num_seqs=8)
+    """The engine of these tests (the plan adds executor "mp" for TP > 1 and one core per TP worker)."""
+    return TeacherConfig(model=str(model), tensor_parallel_size=tp, max_model_len=1024, max_new_tokens=512,
+                         dtype="float32", seed=0, kv_cache_gib=0.25, enforce_eager=True, key_info_format="text",
+                         cpus_per_replica=1, max_num_seqs=8, max_replica_restarts=0)
 
 
 def open_pool(model, tp: int, replicas: int):
@@ -53,16 +53,18 @@ def open_pool(model, tp: int, replicas: int):
 
     plan = plan_replicas([n["Resources"] for n in ray.nodes() if n["Alive"]], tensor_parallel_size=tp,
                          num_replicas=replicas, cpus_per_replica=1)
-    return ReplicaPool(spec_for(model, tp), plan, max_restarts=0)
+    return ReplicaPool(spec_for(model, tp), plan)
 
 
 def greedy(pool, conversations) -> list[list[int]]:
     """Each conversation's greedy answer (token ids), all in flight at once."""
     from concurrent.futures import wait
 
+    from teacher_serving.pool import GenerateRequest
+
     sampling = {"temperature": 0.0, "top_p": 1.0, "max_tokens": NEW_TOKENS, "seed": 0, "stop": [],
                 "ignore_eos": True}
-    futures = [pool.submit({"messages": c, "sampling": sampling, "json_schema": None}) for c in conversations]
+    futures = [pool.submit(GenerateRequest(c, sampling)) for c in conversations]
     wait(futures)
     return [f.result()["token_ids"] for f in futures]
 

