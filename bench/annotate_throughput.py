@@ -12,6 +12,11 @@ side), one try per report, the same cores:
            nicolay-r/distil-tuning-llm)
 Engine start, model loading and engine shutdown are outside every timing. Writes
 {"ratio_vs_hf_generate", "ratio_vs_raw_vllm", "reports_per_s", ...}.
+
+--background-load N runs N busy processes (at this process's niceness, like a user's other work) from
+before the first side until after the last, so every side meets the same load: the job's engine then
+shows whether it runs at the user's niceness (as raw vLLM's, a child of this process) or at Ray's
+worker niceness 15, where the load takes its cores.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -48,6 +55,8 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, default=8)
     parser.add_argument("--compare-binding", action="store_true",
                         help="also time raw vLLM with its own core binding (VLLM_CPU_OMP_THREADS_BIND=auto)")
+    parser.add_argument("--background-load", type=int, default=0, metavar="N",
+                        help="N busy processes beside every side (other work on the node); 0 = none")
     parser.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)),
                         help="cores for each side: the job's one replica (teacher.cpus_per_replica), raw vLLM's "
                              "worker and HF's torch threads (default: all of this machine's)")
@@ -82,6 +91,9 @@ def main() -> None:
     items, _ = fit_prompts(records, tokenizer, t.max_model_len - t.max_new_tokens)
     conversations = [i.messages for i in items]
     n = len(conversations)
+
+    spin = f"import os\nwhile os.getppid() == {os.getpid()}: pass"  # ends with this process, however it ends
+    load = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.background_load)]
 
     # raw vLLM, same engine settings and cores as a replica (and, with --compare-binding, vLLM's own binding)
     from vllm import LLM, SamplingParams
@@ -134,6 +146,9 @@ def main() -> None:
             hf.generate(**batch, max_new_tokens=t.max_new_tokens, do_sample=False,
                         pad_token_id=tokenizer.pad_token_id)
     hf_s = time.perf_counter() - start
+    for proc in load:
+        proc.kill()
+        proc.wait()
 
     result = {
         "ratio_vs_hf_generate": round(hf_s / job_s, 2),
@@ -145,6 +160,7 @@ def main() -> None:
                               "raw_vllm": raw_tokens},
         **({"raw_vllm_core_binding": binding} if binding else {}),
         "reports": n, "max_new_tokens": t.max_new_tokens, "hf_batch": args.hf_batch, "cpus": args.cpus,
+        "background_load": args.background_load,
         "seconds": {"job": round(job_s, 3), "raw_vllm": round(raw_s, 3), "hf_generate": round(hf_s, 3)},
         "model": "tiny random Qwen2 (hidden 128, 2 layers, head_dim 64)" if args.model is None else model,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "

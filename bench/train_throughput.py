@@ -182,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack-length", type=int, default=4096)
     parser.add_argument("--tokenizer-vocab", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--attention", default="auto", help="ours: model.attn_implementation (auto = the trainer's)")
+    parser.add_argument("--attention", default="auto",
+                        help="ours: model.attn_implementation (auto = the trainer's choice for fp32 here; "
+                             "torch_varlen, flash_attention_2: bf16/fp16 on CUDA only, refused here)")
     parser.add_argument("--kd-topk", type=int, default=0, help="also time ours with the KD term over K teacher log-probs")
     args = parser.parse_args(argv)
-    attention = choose_backend(args.attention).attn_implementation
+    attention = choose_backend(args.attention, precision="fp32").attn_implementation  # the bench runs fp32
 
     torch.set_num_threads(args.threads)
     shared = REPO.parent / "shared" / "data" / "multiclinsum_gs_train_en"

@@ -13,13 +13,31 @@ import json
 import re
 from pathlib import Path
 
+from distil.atomic import publish_dir, staging_dir
 from distil.config import TrainConfig
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class FinishedRunError(RuntimeError):
-    """train.output_dir holds a run that already reached the planned steps."""
+    """train.output_dir holds a run this config cannot resume: finished already, or of another student."""
+
+
+STUDENT_FILE = "student.json"  # in train.output_dir: which model the checkpoints there started from
+
+
+def other_student_message(output_dir: str | Path, identity: str, name: str) -> str | None:
+    """Why the checkpoints in `output_dir` are another student's (distil.fingerprint differs), or None: a
+    resume would go on training that one, whatever model.name_or_path says now."""
+    path = Path(output_dir) / STUDENT_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("identity") == identity:
+        return None
+    return (f"train.output_dir={output_dir} holds checkpoints of another student ({saved.get('model')}, "
+            f"{saved.get('identity')}), but model.name_or_path={name} is {identity}: resuming would go on training "
+            "the other one. Use a new train.output_dir for this student, or set model.name_or_path back")
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -88,6 +106,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path) -> Pat
         raise RuntimeError(f"{checkpoint_dir}: checkpoint does not match the model config "
                            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.tie_weights()
-    model.save_pretrained(output_dir)
-    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(output_dir)
+    staged = staging_dir(output_dir)  # swapped in whole: a kill never leaves half a model at output_dir
+    model.save_pretrained(staged)
+    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(staged)
+    publish_dir(staged, output_dir)
     return output_dir

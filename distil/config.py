@@ -9,6 +9,8 @@ together (one ConfigError), so a user fixes a config in one pass.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,12 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
+from distil.atomic import blocking_file
 from distil.eval_config import EvalConfig
 from distil.options import LANGUAGES, ConfigError, option, raise_if, require
 from distil.teacher_config import TeacherConfig
 
 __all__ = ["ConfigError", "LANGUAGES", "DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "TeacherConfig",
-           "EvalConfig", "SlurmConfig", "ExperimentConfig", "load_config", "dump_config", "reference_table"]
+           "EvalConfig", "SlurmConfig", "ExperimentConfig", "load_config", "check_training", "dump_config", "reference_table"]
 
 
 @dataclass
@@ -54,15 +57,18 @@ class DataConfig:
             value = getattr(self, key)
             require(p, value is None or value > 0, key, f"must be positive or null, got {value}")
         require(p, bool(self.sources), "sources", "at least one input folder or file is needed")
+        require(p, self.split_seed >= 0, "split_seed", f"must be >= 0, got {self.split_seed}")
         raise_if(p)
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = option("Student: a Hugging Face model folder or hub name.", "runs/tiny-model")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = option(
-        "auto = flash_attention_2 on GPU when flash-attn is installed, else sdpa (on CPU: sdpa_varlen, sdpa per packed "
-        "example instead of one masked product per row).", "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "torch_varlen", "sdpa_varlen", "sdpa", "eager"] = option(
+        "auto = on GPU in bf16/fp16: flash_attention_2 when flash-attn is installed, else torch_varlen (torch's own "
+        "varlen_attn, torch >= 2.10, sm80+), else sdpa; on GPU in fp32: sdpa (the FlashAttention kernels compute in "
+        "16 bits only); on CPU: sdpa_varlen (sdpa per packed example). distil/backend.py logs the choice and why.",
+        "auto"
     )
     gradient_checkpointing: bool = option("Recompute activations in backward to fit long contexts.", False)
     tiny: dict[str, int] | None = option(
@@ -70,6 +76,16 @@ class ModelConfig:
         "{hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size}.",
         None,
     )
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                 "vocab_size")
+        unknown = sorted(set(self.tiny or {}) - set(shape))
+        require(p, not unknown, "tiny", f"unknown keys {unknown}; known: {list(shape)}")
+        bad = {k: v for k, v in (self.tiny or {}).items() if v <= 0}
+        require(p, not bad, "tiny", f"sizes must be positive, got {bad}")
+        raise_if(p)
 
 
 @dataclass
@@ -133,6 +149,15 @@ class TrainConfig:
         require(p, self.pack_length >= self.max_length, "pack_length",
                  f"must be >= max_length ({self.max_length}) so every example fits in a row, got {self.pack_length}")
         require(p, self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        require(p, self.weight_decay >= 0, "weight_decay", f"must be >= 0 (0 = none), got {self.weight_decay}")
+        require(p, self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        require(p, self.num_epochs >= 0, "num_epochs", f"must be >= 0, got {self.num_epochs}")
+        require(p, self.max_steps == -1 or self.max_steps > 0, "max_steps",
+                f"must be positive, or -1 (num_epochs decides), got {self.max_steps}")
+        require(p, self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(p, self.save_total_limit is None or self.save_total_limit > 0, "save_total_limit",
+                f"must be positive or null (keep all), got {self.save_total_limit}")
+        require(p, self.dataloader_workers >= 0, "dataloader_workers", f"must be >= 0, got {self.dataloader_workers}")
         require(p, 0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         require(p, self.max_steps > 0 or self.num_epochs > 0, "num_epochs",
                  "either num_epochs > 0 or max_steps > 0 is needed")
@@ -240,13 +265,15 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a mapping, got {value!r}")
             return value
         return {k: _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-5" as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # .inf, .nan: no setting means them
+            problems.append(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -297,19 +324,22 @@ def _apply_override(raw: dict[str, Any], override: str, problems: list[str]) -> 
     section[parts[1]] = yaml.safe_load(text) if text.strip() else None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read an experiment YAML, apply `section.key=value` overrides, validate everything."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror}); pass an existing YAML file") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read an experiment YAML (None: the defaults), apply `section.key=value` overrides, validate everything."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror}); pass an existing YAML file") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    path = path if path is not None else "the default config"
     problems: list[str] = []
     for override in overrides:
         _apply_override(raw, override, problems)
@@ -324,6 +354,35 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s) in the config:\n  " + "\n  ".join(problems))
     return ExperimentConfig(**built, source=str(path))
+
+
+def check_training(cfg: ExperimentConfig) -> None:
+    """What Stage 2 needs across sections (each section checks its own ranges): the Stage 1 ledger, a file,
+    when the extraction task (loss.gamma < 1) or token-level distillation (loss.kd_alpha > 0) is on."""
+    p: list[str] = []
+    key_info = cfg.data.key_info_path
+    needs = ([f"loss.gamma={cfg.loss.gamma} < 1 trains the extraction task on the teacher's key information"]
+             if cfg.loss.gamma < 1 else []) + ([f"loss.kd_alpha={cfg.loss.kd_alpha} > 0 distils the teacher's top-k"]
+                                               if cfg.loss.kd_alpha > 0 else [])
+    if needs and not key_info:
+        p.append(f"data.key_info_path is null, but {' and '.join(needs)}: set it to the Stage 1 ledger "
+                 "(launch/annotate.py writes it), or loss.gamma=1.0 loss.kd_alpha=0 for summary-only training")
+    elif key_info and Path(key_info).is_dir():
+        p.append(f"data.key_info_path={key_info} is a folder; it names the Stage 1 ledger file, e.g. runs/key_info.jsonl")
+    if blocking_file(cfg.train.output_dir):
+        p.append(f"train.output_dir={cfg.train.output_dir}: {blocking_file(cfg.train.output_dir)} is a file; pass a "
+                 "folder for the checkpoints and the model")
+    ds = cfg.train.deepspeed
+    if ds:
+        try:
+            json.loads(Path(ds).read_text())
+        except OSError as exc:
+            p.append(f"train.deepspeed={ds}: cannot read it ({exc.strerror}); pass a DeepSpeed JSON, e.g. "
+                     "ds_configs/zero2.json (--deepspeed sets it too)")
+        except ValueError as exc:
+            p.append(f"train.deepspeed={ds}: not valid JSON ({exc})")
+    if p:
+        raise ConfigError(f"{cfg.source}: {len(p)} problem(s) in the config:\n  " + "\n  ".join(p))
 
 
 def dump_config(config: ExperimentConfig) -> str:

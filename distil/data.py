@@ -229,7 +229,7 @@ def load_key_info(path: str | Path, annotation: dict) -> dict[str, str]:
         if not isinstance(row, dict) or "id" not in row:
             raise DataError(f"{path}:{lineno}: ledger record without an id")
         if not is_annotation_of(row, annotation):
-            others[row.get("teacher")] += 1
+            others[f"{row.get('teacher')} ({row['teacher_model']})" if row.get("teacher_model") else row.get("teacher")] += 1
             continue
         if row["id"] in seen:
             raise DataError(f"{path}:{lineno}: report {row['id']!r} has two answers of teacher "
@@ -239,7 +239,8 @@ def load_key_info(path: str | Path, annotation: dict) -> dict[str, str]:
         if row.get("status", "ok") == "ok" and isinstance(row.get("key_info"), str) and row["key_info"].strip():
             key_info[row["id"]] = row["key_info"]
     if others and not seen:
-        raise DataError(f"{path}: no record of teacher {annotation['teacher']!r} with prompt "
+        raise DataError(f"{path}: no record of teacher {annotation['teacher']!r} (teacher.model: a folder is known by "
+                        "the fingerprint of its files, distil/fingerprint.py, so it must be the folder Stage 1 used) with prompt "
                         f"{annotation['prompt_version']} and sampling {annotation['sampling']}, but "
                         f"{sum(others.values())} of other teachers or settings ({sorted(map(str, others))}); set the "
                         "teacher section to the one that wrote the ledger, or rerun Stage 1 with this config")

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from distil.data import load_key_info, read_jsonl, training_examples
 from distil.packing import pack_best_fit
-from distil.teacher_topk import TopkStore, store_dir
+from distil.teacher_topk import TopkStore, store_dir, token_count
 from distil.tokenization import answer_length, encode_example
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
     """Packed rows of train.jsonl; the extraction answers are the ledger records of `annotation`
     (distil.teacher_config.annotation_key of the config's teacher). With `kd`, each example carries the
     teacher's top-k that Stage 1 stored beside key_info_path (a student with another tokenizer is refused
-    here, before any step)."""
+    here, before any step), less the ids no token of the tokenizer has (a teacher's padded vocabulary)."""
     records = read_jsonl(Path(prepared_dir) / "train.jsonl")
     if (gamma < 1.0 or kd) and key_info_path is None:
         raise ValueError("loss.gamma < 1 trains the extraction task and loss.kd_alpha > 0 distils the teacher's "
@@ -85,7 +85,7 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
     key_info = load_key_info(key_info_path, annotation) if gamma < 1.0 else {}
     topk = None
     if kd:
-        topk = TopkStore(store_dir(key_info_path))
+        topk = TopkStore(store_dir(key_info_path), vocab_size=token_count(tokenizer))
         topk.check_tokenizer(tokenizer, student)
     rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length, topk)
     log.info("training data: %s", stats)

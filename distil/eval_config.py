@@ -70,6 +70,7 @@ class EvalConfig:
                  f"must exceed max_new_tokens ({self.max_new_tokens}) to leave room for the prompt, got {self.max_model_len}")
         require(p, self.callback_steps >= 0, "callback_steps", f"must be >= 0 (0 = off), got {self.callback_steps}")
         require(p, self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        require(p, self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(p, 0 < self.repetition_penalty < float("inf"), "repetition_penalty",
                 f"must be positive and finite (1.0 = off), got {self.repetition_penalty}")
         require(p, -2 <= self.frequency_penalty <= 2, "frequency_penalty",

@@ -12,6 +12,11 @@ applied before bucketing); tau = 1 leaves them as they are. No tau^2 factor.
     otherwise   beta * KL(teacher || M) + (1 - beta) * KL(student || M), M = beta*teacher + (1-beta)*student
                 (TRL's generalized JSD; beta = 0.5 is the symmetric Jensen-Shannon divergence)
 
+A top-k id of -1 (MISSING_ID) is a teacher token the student cannot have, dropped where the store is read
+(distil.teacher_topk.keep_student_ids: Qwen2.5-72B pads its vocabulary to 152,064 rows, its students to
+151,936): its bucket is empty on both sides, so the teacher's mass on it stays in the teacher's rest. Ids are
+checked there, once per example on the host, not here per chunk (a host sync on GPU).
+
 Pure torch, no distributed code: the trainer normalizes the per-token values like the cross-entropy
 (distil/loss.py).
 """
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 REST_FLOOR = 1e-8
 # A stored log-prob of -inf (a token the teacher ruled out) would make 0 * inf = NaN in the KL.
 LOG_PROB_FLOOR = -1e4
+MISSING_ID = -1  # a top-k column whose teacher token the student lacks (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,16 @@ def teacher_buckets(teacher_log_probs: torch.Tensor, temperature: float) -> torc
 
 
 def student_buckets(logits: torch.Tensor, teacher_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Student logits [n, V] -> [n, k + 1] bucket log-probs over the teacher's top-k ids + the rest."""
+    """Student logits [n, V] -> [n, k + 1] bucket log-probs over the teacher's top-k ids + the rest
+    (a MISSING_ID column: an empty bucket)."""
     logits = logits.float()
     total = logits.logsumexp(-1)
-    topk = logits.gather(-1, teacher_ids) - total.unsqueeze(-1)
-    rest = logits.scatter(-1, teacher_ids, float("-inf")).logsumexp(-1) - total  # exact, not 1 - sum
+    missing = teacher_ids == MISSING_ID
+    # a missing column reads the row's largest id (a real one unless all are missing) and is emptied after
+    # the gather; scattering -inf onto that id twice takes nothing more out of the rest
+    ids = torch.where(missing, teacher_ids.max(-1, keepdim=True).values.clamp(min=0), teacher_ids)
+    topk = (logits.gather(-1, ids) - total.unsqueeze(-1)).masked_fill(missing, LOG_PROB_FLOOR)
+    rest = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - total  # exact, not 1 - sum
     return bucket_log_probs(topk, rest, temperature)
 
 
@@ -79,9 +90,9 @@ def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Te
 def token_kd(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor,
              beta: float, temperature: float) -> torch.Tensor:
     """[n] fp32 divergence of the student's next-token distribution (logits [n, V]) from the teacher's
-    top-k ([n, k] ids, [n, k] log-probs) at each position."""
-    if teacher_ids.numel() and int(teacher_ids.max()) >= logits.shape[-1]:
-        raise ValueError(f"teacher token id {int(teacher_ids.max())} is outside the student's vocabulary of "
-                         f"{logits.shape[-1]}: the teacher's top-k were written with another tokenizer")
-    return generalized_jsd(student_buckets(logits, teacher_ids.long(), temperature),
-                           teacher_buckets(teacher_log_probs, temperature), beta)
+    top-k ([n, k] ids, [n, k] log-probs) at each position. Ids are in [0, V) or MISSING_ID (checked where
+    the store is read, distil.teacher_topk)."""
+    ids = teacher_ids.long()
+    teacher_log_probs = teacher_log_probs.masked_fill(ids == MISSING_ID, float("-inf"))  # its mass: the rest
+    return generalized_jsd(student_buckets(logits, ids, temperature), teacher_buckets(teacher_log_probs, temperature),
+                           beta)

@@ -49,15 +49,22 @@ def _parse(path: Path, data: bytes) -> tuple[list[dict], int]:
 
 def read_ledger(path: str | Path) -> list[dict]:
     """The records of a ledger without writing to it (a torn last line is skipped, not cut); [] if absent."""
-    path = Path(path)
+    path = _not_a_folder(Path(path))
     return _parse(path, path.read_bytes())[0] if path.is_file() else []
+
+
+def _not_a_folder(path: Path) -> Path:
+    if path.is_dir():
+        raise LedgerError(f"{path} is a folder, but it names a ledger file (JSONL), e.g. runs/key_info.jsonl; set "
+                          "data.key_info_path (or eval.output_dir) to a file path")
+    return path
 
 
 class Ledger:
     """Append-only, fsync'd JSONL with resume by `key`. Use as a context manager."""
 
     def __init__(self, path: str | Path, key: Callable[[dict], str]):
-        self.path, self.key = Path(path), key
+        self.path, self.key = _not_a_folder(Path(path)), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path.with_name(self.path.name + ".lock"), "w")
         try:

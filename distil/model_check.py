@@ -14,6 +14,7 @@ complete, then refused: every stage loads a Hugging Face folder (convert it firs
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import struct
@@ -51,6 +52,8 @@ def check_model_dir(path: str | Path, role: str, config_key: str, *, weights: bo
         raise ModelInputError(
             f"{where}: config.json but no weights (*.safetensors or *.bin): the download or export stopped "
             f"half way; rerun it ({FETCH}, or launch/export.py for a training checkpoint)")
+    if weights:
+        _check_weights(folder, where)
     _check_tokenizer(str(path), where)
 
 
@@ -67,11 +70,12 @@ def _local_folder(path: str, where: str) -> Path | None:
     if HUB_NAME.match(path) and not Path(path.split("/")[0]).is_dir():
         from huggingface_hub import is_offline_mode, try_to_load_from_cache
 
-        if not is_offline_mode():
-            return None  # from_pretrained downloads it, or says why it cannot
         cached = try_to_load_from_cache(path, "config.json")
         if isinstance(cached, str):
             return Path(cached).parent
+        if not is_offline_mode():
+            _ask_hub(path, where)
+            return None  # from_pretrained downloads it
         raise ModelInputError(
             f"{where}: no such folder, and no hub model of that name in the local Hugging Face cache "
             f"(HF_HUB_OFFLINE=1 forbids downloading it); pass a local model folder, or download it first: "
@@ -79,6 +83,68 @@ def _local_folder(path: str, where: str) -> Path | None:
     raise ModelInputError(
         f"{where}: no such file or folder; pass a Hugging Face model folder (config.json, weights, tokenizer "
         f"with a chat template), e.g. <train.output_dir>/hf written by launch/train.py, or fetch one: {FETCH}")
+
+
+def _ask_hub(name: str, where: str) -> None:
+    """One quick question to the hub, so a typo or a machine without network is one clear error now, not a
+    download's retries and a traceback later."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=10)
+    except GatedRepoError:
+        return  # it exists; from_pretrained uses the token
+    except RepositoryNotFoundError:
+        raise ModelInputError(f"{where}: no such folder here, and no model of that name on the Hugging Face hub; "
+                              f"check the spelling, or pass a local model folder") from None
+    except HfHubHTTPError:
+        return  # the hub answered (e.g. rate limit); from_pretrained will say more
+    except Exception as exc:  # no network, DNS, proxy, timeout: the HTTP client's own error types
+        raise ModelInputError(
+            f"{where}: no such folder here, not in the local Hugging Face cache, and the hub cannot be reached "
+            f"({type(exc).__name__}); pass a local model folder, or download it where there is network "
+            f"(hf download {name}) and set HF_HUB_OFFLINE=1") from None
+
+
+def _check_weights(folder: Path, where: str) -> None:
+    """Every safetensors file is whole: its header parses and its tensors end where the file ends."""
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise ModelInputError(f"{where}: {path.name} is not a complete safetensors file ({problem}): the "
+                                  f"download, copy or export stopped half way; rerun it ({FETCH}, or launch/export.py)")
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError):
+            raise ModelInputError(f"{where}: {index.name} is not a valid index (no weight_map); get it again") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ModelInputError(f"{where}: {index.name} lists shards that are missing: {missing[:3]}; the "
+                                  "download stopped half way, rerun it")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (8-byte header length, JSON header, data), or None."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes"
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        if header_len > size - 8:
+            return f"its header claims {header_len} bytes, the file has {size}"
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        return "its header has no tensor offsets"
+    if 8 + header_len + end > size:
+        return f"cut short: {size} bytes, its header describes {8 + header_len + end}"
+    return None
 
 
 def _check_tokenizer(path: str, where: str) -> None:

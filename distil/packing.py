@@ -1,14 +1,17 @@
 """Padding-free packing: several examples per row, each attending only to itself.
 
 A micro-batch is one flat sequence (batch dimension 1): the examples of its rows laid end to
-end, `position_ids` restarting at 0 for each. FlashAttention-2 (varlen) and sdpa in
-transformers both read example boundaries from the restarts, so nothing attends across
-examples and no padding token is ever computed.
+end, `position_ids` restarting at 0 for each, so nothing attends across examples and no padding
+token is ever computed. sdpa in transformers reads the example boundaries from the restarts; the
+varlen kernels (flash-attn's, torch's, sdpa_varlen) take them as `cu_seq_lens_q/k` and
+`max_length_q/k`, made here once per batch in the layout of transformers'
+DataCollatorWithFlattening(return_flash_attn_kwargs=True), so no layer derives them again.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 
 import numpy as np
@@ -50,14 +53,16 @@ def collate_packed(rows: list[list[dict]]) -> dict:
     """Flatten rows of encoded examples into one sequence with per-example positions.
 
     Returns input_ids, position_ids, target_ids (already shifted, IGNORE off the answer) and
-    task_ids (0 summarize, 1 extract) of shape [1, T], plus the example ids for tracing. Examples
+    task_ids (0 summarize, 1 extract) of shape [1, T]; the boundaries for varlen attention
+    (attention_inputs); and the example ids for tracing. Examples
     carrying the teacher's top-k (distil/teacher_topk.py) add teacher_ids, teacher_log_probs
     [1, L, k] and teacher_mask [1, L] over the L labelled positions, in their order.
     """
-    input_ids, positions, targets, tasks, ids = [], [], [], [], []
+    input_ids, positions, targets, tasks, ids, lengths = [], [], [], [], [], []
     for row in rows:
         for ex in row:
             n = len(ex["input_ids"])
+            lengths.append(n)
             input_ids += ex["input_ids"]
             positions += range(n)
             targets += shifted_targets(ex["labels"])
@@ -65,11 +70,30 @@ def collate_packed(rows: list[list[dict]]) -> dict:
             ids.append(f"{ex['task']}:{ex['id']}")
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
     batch = {"input_ids": as_row(input_ids), "position_ids": as_row(positions),
-             "target_ids": as_row(targets), "task_ids": as_row(tasks), "example_ids": ids}
+             "target_ids": as_row(targets), "task_ids": as_row(tasks), "example_ids": ids,
+             **varlen_boundaries(lengths)}
     examples = [ex for row in rows for ex in row]
     if any(ex.get("teacher_topk") for ex in examples):
         batch.update(teacher_rows(examples))
     return batch
+
+
+def varlen_boundaries(lengths: list[int]) -> dict:
+    """cu_seq_lens_q/k (int32 [N + 1]: 0, then where each example ends) and max_length_q/k (an int) of
+    examples of `lengths` laid end to end: what flash-attn's varlen kernels take."""
+    cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    longest = max(lengths, default=0)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest, "max_length_k": longest}
+
+
+# What the model's forward takes from a packed batch, besides input_ids.
+ATTENTION_INPUTS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def attention_inputs(batch: dict) -> dict:
+    """The packed batch's position_ids and varlen boundaries, as keyword arguments of the model's forward."""
+    return {key: batch[key] for key in ATTENTION_INPUTS}
 
 
 def teacher_rows(examples: list[dict]) -> dict:

@@ -174,6 +174,14 @@ PREFERENCE = (("zero2", False), ("zero2", True), ("zero3", False), ("zero3", Tru
               ("zero3_offload", False), ("zero3_offload", True))
 
 
+def check_context(a: Architecture, context: int, flag: str) -> None:
+    """A plan for more positions than the model was configured for would be one it cannot run."""
+    if a.max_position_embeddings and context > a.max_position_embeddings:
+        raise PlanError(f"{flag} {context}: more tokens than {a.name} handles (max_position_embeddings "
+                        f"{a.max_position_embeddings} in its config.json); plan for at most that, or extend its "
+                        "context first (rope_scaling, e.g. YaRN, in config.json)")
+
+
 def plan_student(a: Architecture, context: int, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
                  micro_batch_rows: int = 1, answer_fraction: float = 0.25, chunk_tokens: int = 2048,
                  headroom: float = 0.10, ds_configs: dict[str, dict] | None = None) -> StudentPlan:
@@ -187,6 +195,7 @@ def plan_student(a: Architecture, context: int, nodes: int, gpus_per_node: int, 
     if not 0 < answer_fraction <= 1 or not 0 <= headroom < 1:
         raise PlanError(f"answer_fraction must be in (0, 1] (got {answer_fraction}) and headroom in [0, 1) "
                         f"(got {headroom})")
+    check_context(a, context, "--context (train.pack_length)")
     ds_configs = ds_configs if ds_configs is not None else load_ds_configs()
     total, largest = parameter_counts(a)
     tokens = context * micro_batch_rows
@@ -249,6 +258,9 @@ def plan_teacher(a: Architecture, context: int, nodes: int, gpus_per_node: int, 
     memory_fraction: vLLM's gpu_memory_utilization; runtime_gib: per-GPU memory vLLM keeps for
     activations of its profiling batch and CUDA graphs (outside the KV cache).
     """
+    if min(context, nodes, gpus_per_node, min_sequences) <= 0 or gpu_memory_gib <= 0:
+        raise PlanError("teacher context, nodes, GPUs per node, GPU memory and sequences must be positive")
+    check_context(a, context, "--teacher-context (teacher.max_model_len)")
     total, _ = parameter_counts(a)
     per_sequence = kv_bytes_per_token(a) * context
     options = []

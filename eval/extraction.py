@@ -17,6 +17,8 @@ import re
 import unicodedata
 from pathlib import Path
 
+from distil.atomic import write_json
+
 ENTITY_FIELDS: dict[str, tuple[str, ...]] = {
     "medications": ("medications",),
     "diagnoses": ("diagnoses",),
@@ -108,7 +110,7 @@ def evaluate_extraction(cfg, models: dict[str, str], records: list[dict]) -> str
         scores, counts = entity_scores(student, teacher)
         results[label] = {"scores": scores, "counts": counts}
         rows += [{"model": label, "category": c, **s} for c, s in scores.items()]
-    (out / "extraction.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "extraction.json", results, indent=1)
     write_csv(rows, out / "extraction.csv")
     lines = ["\n## Extraction vs the teacher's key information (entity P/R/F1, %)\n",
              "| Model | Category | P | R | F1 | predicted | teacher's |", "|---|---|---:|---:|---:|---:|---:|"]

@@ -12,9 +12,12 @@ in [0, 1], as the per-report rows do; the Markdown tables show points (x100).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
+
+from distil.atomic import write_text
 
 from eval.metrics import bootstrap_ci
 from eval.scoring import FAITHFULNESS, GOLD, METRICS
@@ -102,14 +105,20 @@ FAITHFULNESS_LEGEND = (
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    if not rows:
-        Path(path).write_text("")
-        return
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+    text = io.StringIO(newline="")
+    if rows:
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Rendered beside `path`, then renamed over it (a kill never leaves half a PNG)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 def speed(scores: dict[str, list[dict]], teacher_label: str, gpu_hour_price: float, gpu_count: int,
@@ -194,7 +203,7 @@ def plot_metrics(agg: list[dict], path: str | Path) -> None:
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", ncol=len(models),
                bbox_to_anchor=(0.5, 0.955), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -218,7 +227,7 @@ def plot_lengths(scores: dict[str, list[dict]], path: str | Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -245,7 +254,7 @@ def write_report(out_dir: str | Path, scores: dict[str, list[dict]], counts: dic
     fast = speed(scores, cfg.teacher_label, cfg.gpu_hour_price, cfg.gpu_count, cfg.teacher_gpu_count)
     write_csv(agg, out_dir / "scores.csv")
     write_csv([dict(r, model=m) for m, rows in scores.items() for r in rows], out_dir / "per_report.csv")
-    (out_dir / "scores.json").write_text(json.dumps(
+    write_text(out_dir / "scores.json", json.dumps(
         {"rouge_tokenizer": cfg.rouge_tokenizer, "bertscore_model": cfg.bertscore_model,
          "bertscore_rescale": cfg.bertscore_rescale, "bootstrap_samples": cfg.bootstrap_samples,
          "scale": "fractions in [0, 1] (results.md shows points, x100)", "lower_is_better": list(FAITHFULNESS),
@@ -260,7 +269,7 @@ def write_report(out_dir: str | Path, scores: dict[str, list[dict]], counts: dic
         cpu = hardware_of(cfg)
         title = f"on {cpu}" if cpu else f"GPU-hour price {cfg.gpu_hour_price}"
         markdown += f"\n## Speed and cost ({title})\n\n{speed_markdown(fast, cpu)}"
-    (out_dir / "results.md").write_text(markdown)
+    write_text(out_dir / "results.md", markdown)
     plot_metrics(agg, out_dir / "plots" / "metrics_by_language.png")
     plot_lengths(scores, out_dir / "plots" / "length.png")
     return markdown

@@ -9,10 +9,10 @@ eval.showcase_id to a public report, such as one of the bundled sample's MultiCl
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from pathlib import Path
 
+from distil.atomic import write_json
 from distil.data import DataError, load_key_info
 from distil.faithfulness import unsupported_spans
 
@@ -72,5 +72,5 @@ def showcase_markdown(item: dict) -> str:
 
 
 def write_showcase(out_dir: str | Path, item: dict) -> str:
-    Path(out_dir, "showcase.json").write_text(json.dumps(item, indent=1, ensure_ascii=False))
+    write_json(Path(out_dir, "showcase.json"), item, indent=1)
     return showcase_markdown(item)

@@ -27,9 +27,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from distil.config import ConfigError, load_config
-from distil.data import DataError
+from distil.atomic import blocking_file
 from distil.backend import scoped_environ
+from distil.config import ConfigError, load_config
+from distil.data import SPLITS, DataError
 from distil.logs import engine_log_env, setup
 from distil.model_check import ModelInputError, check_model_dir
 
@@ -43,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. teacher.num_replicas=2")
     args = parser.parse_args(argv)
     try:
+        if args.limit is not None and args.limit <= 0:
+            raise ConfigError(f"--limit {args.limit}: must be a positive number of reports (leave it out for all)")
         cfg = load_config(args.config, args.overrides)
+        ledger = cfg.data.key_info_path
+        inputs = {(Path(cfg.data.prepared_dir) / f"{split}.jsonl").resolve() for split in SPLITS}
+        if not ledger or Path(ledger).is_dir() or Path(ledger).resolve() in inputs or blocking_file(Path(ledger).parent):
+            raise ConfigError(f"{cfg.source}: data.key_info_path={ledger} must name the ledger file Stage 1 writes "
+                              "(not a folder, not a prepared split, not under a file), e.g. "
+                              "data.key_info_path=runs/key_info.jsonl")
         if cfg.teacher.backend == "vllm":  # before Ray and the engines start (openai: the model is remote)
             check_model_dir(cfg.teacher.model, "teacher", "teacher.model")
     except (ConfigError, ModelInputError) as exc:
@@ -53,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from teacher_serving.annotate import annotate
     from teacher_serving.placement import PlacementError
 
-    ledger = cfg.data.key_info_path  # null is refused by annotate() below, before anything is written
-    log_file = setup(Path(ledger).with_suffix(".log"), args.verbose) if ledger else None
+    log_file = setup(Path(ledger).with_suffix(".log"), args.verbose)
     try:
-        with scoped_environ(engine_log_env(log_file) if log_file else {}):  # the local Ray and its engines inherit it
+        with scoped_environ(engine_log_env(log_file)):  # the local Ray and its engines inherit it
             summary = annotate(cfg, limit=args.limit, show_progress=not args.no_progress)
     except (DataError, PlacementError, LedgerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,8 +7,11 @@
 
 Writes eval.output_dir (predictions, scores, results.md, plots). A rerun resumes: reports that
 already have a prediction are not generated again. Label a model `teacher` (eval.teacher_label)
-to get the student vs teacher speed and cost comparison. Every model folder is checked first
-(config.json, weights, tokenizer with a chat template; distil/model_check.py): exit status 2.
+to get the student vs teacher speed and cost comparison. Saved predictions belong to the model a
+folder holds (a fingerprint of its files, distil/fingerprint.py), not to its path's spelling: a
+folder retrained in place is refused until its old predictions are deleted.
+Exit status 0 = every model scored and results.md written, 2 = bad input (config, data, a model
+folder that distil/model_check.py refuses, predictions of another model), with nothing written.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+from distil.atomic import blocking_file
 from distil.config import ConfigError, load_config
 from distil.data import DataError
 from distil.backend import scoped_environ
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models, late_overrides = split_models(args.models)
         cfg = load_config(args.config, list(args.overrides) + late_overrides)
+        if blocking_file(cfg.eval.output_dir):
+            raise ConfigError(f"{cfg.source}: eval.output_dir={cfg.eval.output_dir}: {blocking_file(cfg.eval.output_dir)} "
+                              "is a file; pass a folder")
         for label, path in models.items():  # all of them before the first engine starts
             check_model_dir(path, f"model {label}", f"--models {label}")
         log_file = setup(Path(cfg.eval.output_dir) / "evaluate.log", args.verbose)  # nothing written before

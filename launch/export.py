@@ -3,16 +3,25 @@
     python launch/export.py --checkpoint runs/tiny/checkpoint-40 --output runs/tiny/hf-step40
 
 launch/train.py already exports the final model to train.output_dir/hf; use this for an
-intermediate checkpoint, or for fp32 master weights of a bf16 run.
+intermediate checkpoint, or for fp32 master weights of a bf16 run. The folder is built beside
+--output and swapped in whole; "model: <folder>" is printed only after it passes the same check as
+any model input. Exit status 0 = exported and checked, 2 = bad input, 1 = the export failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import re
+from pathlib import Path
 
 from distil.checkpoints import check_checkpoint, export_checkpoint
 from distil.model_check import ModelInputError, check_model_dir
+
+
+# what save_pretrained writes for a model and its tokenizer: a folder holding only these may be replaced
+MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|tokenizer.*|"
+                        r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|merges\.txt)$")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder for config, safetensors, tokenizer")
     args = parser.parse_args(argv)
     try:
+        output = Path(args.output)
+        if output.exists() and not output.is_dir():
+            raise ModelInputError(f"--output {output} is a file; pass a folder for the model (created, or replaced "
+                                  "as a whole)")
+        foreign = sorted(p.name for p in output.iterdir() if not MODEL_FILE.match(p.name)) if output.is_dir() else []
+        if foreign:  # e.g. the checkpoint itself, or a whole train.output_dir: replacing it would delete them
+            raise ModelInputError(f"--output {output} holds more than a model ({foreign[:4]}), and the export replaces "
+                                  "the folder as a whole; pass a new folder, e.g. <train.output_dir>/hf-step<N>")
         check_checkpoint(args.checkpoint)
         check_model_dir(args.checkpoint, "checkpoint to export", "--checkpoint", weights=False)  # its tokenizer
-        out = export_checkpoint(args.checkpoint, args.output)
     except (FileNotFoundError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    out = export_checkpoint(args.checkpoint, output)
+    check_model_dir(out, "exported model", "--output")  # announced only once it loads like any model input
     print(f"model: {out}")
     return 0
 

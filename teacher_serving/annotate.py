@@ -18,7 +18,6 @@ Logs carry ids and counts only, never report text.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,8 +25,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distil.atomic import write_json
 from distil.config import ExperimentConfig, TeacherConfig
-from distil.data import read_jsonl
+from distil.data import DataError, read_jsonl
 from distil.ledger import Ledger
 from distil.logs import verbose
 from distil.prompts import build_messages
@@ -93,7 +93,7 @@ def ledger_record(item: Item, t: TeacherConfig, status: str, output: dict | None
     if status == "ok" and t.grounding_threshold is not None and score is not None and score < t.grounding_threshold:
         status = "ungrounded"
     return {"id": item.record["id"], "lang": item.record["lang"], "split": item.record.get("split"),
-            "key_info": output.get("text"), "status": status, **annotation_key(t),
+            "key_info": output.get("text"), "status": status, **annotation_key(t), "teacher_model": t.model,
             "finish_reason": output.get("finish_reason"),
             "prompt_tokens": output.get("prompt_tokens"), "completion_tokens": output.get("completion_tokens"),
             "attempts": item.attempts, "report_tokens_dropped": item.report_tokens_dropped, "grounding": score}
@@ -226,6 +226,9 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
     pool = StartOnFirstUse(lambda: open_pool(cfg))  # started by the first pass with work for it
     with annotation_ledger(cfg.data.key_info_path) as ledger:
         pending, total = load_pending(cfg, ledger, limit)
+        if not total:
+            raise DataError(f"no reports in {cfg.data.prepared_dir} for teacher.splits {t.splits}: nothing to "
+                            "annotate; run launch/prepare_data.py, or set teacher.splits to splits that have reports")
         log.info("%d reports in %s, %d already in %s, %d to annotate", total, t.splits, total - len(pending),
                  ledger.path, len(pending))
         tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model) if pending or t.topk_logprobs else None
@@ -237,7 +240,7 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
         finally:
             pool.close()
     summary_path = Path(cfg.data.key_info_path).with_suffix(".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_json(summary_path, summary)
     log.info("ledger %s: %s; grounding per language: %s; this run: %s", cfg.data.key_info_path, summary["status"],
              summary["grounding"], summary["this_run"])
     if "topk" in summary:

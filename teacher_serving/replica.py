@@ -14,6 +14,10 @@ Each replica lives in its own placement group (teacher_serving.placement). TP x 
         local processes (executor "mp"), each bound to its own cores.
 Replicas that share a host get disjoint cores (their slot on that node). vLLM spawns its engine
 process, so a script that builds a replica in-process needs the `if __name__ == "__main__"` guard.
+
+Ray starts its workers at niceness 15 and the engine processes a replica spawns inherit it: beside
+any other load on the node the engine loop (on a GPU, what keeps the GPU fed) loses its core. The
+replica actors run at the raylet's niceness instead, that of the user who ran `ray start` (ENGINE_RUNTIME_ENV).
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from concurrent.futures import Future
 from distil.backend import scoped_environ, vllm_cpu_thread_env
 from distil.logs import verbose
 from distil.teacher_config import TeacherConfig
-from teacher_serving.placement import ReplicaPlan
+from teacher_serving.placement import ReplicaPlan, check_tp_groups
 from teacher_serving.pool import GenerateRequest, ScoreRequest
 
 log = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 900  # waiting longer means the resources are held elsewhere (`ray status`)
+# A worker's niceness relative to its raylet (Ray's default is 15); Ray's job supervisor is started the same way.
+# vLLM hands the replica's runtime_env on to the Ray workers it starts on GPUs, so they run at it too.
+ENGINE_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 class NodeLost(RuntimeError):
@@ -51,7 +58,10 @@ def engine_args(t: TeacherConfig, executor_backend: str | None):
                            dtype=t.dtype, seed=t.seed, enforce_eager=t.enforce_eager, max_num_seqs=t.max_num_seqs,
                            disable_log_stats=True, max_logprobs=max(20, t.topk_logprobs), use_tqdm_on_load=verbose(),
                            distributed_executor_backend=executor_backend,
+                           max_num_batched_tokens=t.max_num_batched_tokens,  # None = vLLM's default
                            kv_cache_memory_bytes=int(t.kv_cache_gib * 2**30) if t.kv_cache_gib else None)
+    if t.gpu_memory_utilization is not None:  # vLLM's own default otherwise (its field takes no None)
+        args.gpu_memory_utilization = t.gpu_memory_utilization
     if t.key_info_format == "json":  # compact JSON: a model cannot spend its token budget on whitespace
         args.structured_outputs_config = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
     return args
@@ -153,6 +163,32 @@ def cpu_slots(hosts: list[str]) -> list[int]:
     return slots
 
 
+def placement_groups(plan: ReplicaPlan, tensor_parallel_size: int) -> list:
+    """One granted placement group per replica, or none and an error: not granted in PLACEMENT_TIMEOUT_S
+    (RuntimeError), or granted with a tensor-parallel group across nodes (PlacementError, naming the replica
+    and its nodes; GPU plans only: on CPU a replica is one bundle)."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    groups = [placement_group(list(plan.bundles), strategy=plan.strategy) for _ in range(plan.num_replicas)]
+    try:
+        ready, _ = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=PLACEMENT_TIMEOUT_S)
+        if len(ready) < len(groups):
+            raise RuntimeError(f"only {len(ready)} of {plan.num_replicas} placement groups {list(plan.bundles)} were "
+                               f"granted in {PLACEMENT_TIMEOUT_S} s; free the resources (`ray status`) or lower "
+                               "teacher.num_replicas")
+        if plan.on_gpu:
+            address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+            for i, pg in enumerate(groups):
+                placed = placement_group_table(pg)["bundles_to_node_id"]
+                check_tp_groups(i, [placed[b] for b in range(len(plan.bundles))], tensor_parallel_size, address)
+    except Exception:  # none half-granted left behind
+        for pg in groups:
+            remove_placement_group(pg)
+        raise
+    return groups
+
+
 def node_alive(node_id: str) -> bool:
     import ray
 
@@ -169,18 +205,11 @@ class ReplicaPool:
 
     def __init__(self, t: TeacherConfig, plan: ReplicaPlan):
         import ray
-        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.placement_group import placement_group_table
 
         self.teacher, self.plan, self.max_restarts = t, plan, t.max_replica_restarts
         self.window = 2 * t.max_num_seqs
-        self.groups = [placement_group(list(plan.bundles), strategy=plan.strategy) for _ in range(plan.num_replicas)]
-        ready, _ = ray.wait([pg.ready() for pg in self.groups], num_returns=len(self.groups),
-                            timeout=PLACEMENT_TIMEOUT_S)
-        if len(ready) < len(self.groups):
-            self.close()
-            raise RuntimeError(f"only {len(ready)} of {plan.num_replicas} placement groups {list(plan.bundles)} were "
-                               f"granted in {PLACEMENT_TIMEOUT_S} s; free the resources (`ray status`) or lower "
-                               "teacher.num_replicas")
+        self.groups = placement_groups(plan, t.tensor_parallel_size)
         self.nodes = [placement_group_table(pg)["bundles_to_node_id"][0] for pg in self.groups]
         address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         self.hosts = [address.get(node, node) for node in self.nodes]
@@ -207,6 +236,7 @@ class ReplicaPool:
                                                     placement_group_capture_child_tasks=True)
         remote_cls = ray.remote(TeacherReplica)
         return remote_cls.options(scheduling_strategy=strategy, max_concurrency=self.window + 8,
+                                  runtime_env=ENGINE_RUNTIME_ENV,
                                   **self.plan.actor_resources).remote(self.teacher, self.plan, self.slots[i])
 
     def _load(self) -> dict[int, int]:

@@ -113,11 +113,6 @@ def test_the_kd_term_keeps_one_chunk_of_fp32_logits_for_backward():
     assert torch.isfinite(logits.grad.float()).all()
 
 
-def test_teacher_ids_outside_the_student_vocabulary_are_refused():
-    with pytest.raises(ValueError, match="outside the student's vocabulary of 4"):
-        token_kd(torch.zeros(1, 4), torch.tensor([[1, 7]]), torch.tensor([[-1.0, -2.0]]), 0.5, 1.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # The store: written by Stage 1's writer, read by Stage 2's packing.
 

@@ -144,6 +144,23 @@ def test_rerunning_a_finished_run_is_refused(zero2_run):
     assert sorted(p.name for p in (tmp / "run").iterdir()) == before
 
 
+def test_another_student_into_the_same_output_dir_is_refused(zero2_run, lively_model):
+    """Checkpoints belong to the student they started from (its fingerprint in student.json): a config
+    that now names another model must not resume, and so go on training, the old one."""
+    tmp, config, _ = zero2_run
+    other = tmp / "other_student.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["name_or_path"] = str(lively_model)
+    other.write_text(yaml.safe_dump(cfg))
+    before = sorted(p.name for p in (tmp / "run").iterdir())
+    proc = subprocess.run(_command(other, 2, "--deepspeed", str(REPO / "ds_configs/zero2.json")), cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"error: train.output_dir={tmp / 'run'} holds checkpoints of another student" in proc.stderr
+    assert f"but model.name_or_path={lively_model} is sha256:" in proc.stderr
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == before
+
+
 @pytest.mark.timeout(900)
 def test_one_rank_with_accumulation_equals_two_ranks(zero2_run, prepared_dir, tiny_model):
     tmp, _, _ = zero2_run

@@ -5,7 +5,10 @@
 The same functions tests/test_gpu.py calls on CUDA (check_packing, check_loss, measure_throughput),
 with DEVICE = "cpu", a Qwen2 shrunk to hidden 128 and 2 layers (head_dim 64 as in Qwen2.5), and a
 loss at T = 2048, V = 16384 (the memory fractions depend on T * V and chunk / T, kept at 1/8); this
-CPU has no native bf16, so bf16 matmuls crawl here (about 1 GFLOP/s). CPU kernels are not CUDA kernels:
+CPU has no native bf16, so bf16 matmuls crawl here (about 1 GFLOP/s). The packing check also runs
+"torch_varlen" (distil/torch_varlen.py) with its kernel replaced by a CPU stand-in of torch 2.11's
+varlen_attn (tests/test_gpu_paths.py; no enable_gqa, as on the GPU machine), so the adapter's plumbing is
+rehearsed, not the kernel. CPU kernels are not CUDA kernels:
 the numbers show the code runs and the orders of magnitude, never the GPU's results. Peak memory
 here is the process's peak RSS (glibc made to mmap every large block, so freed tensors leave RSS).
 --deepspeed also runs run_deepspeed (ZeRO-2 and ZeRO-3, one rank) in fp32 over gloo, as CPU
@@ -67,16 +70,28 @@ def deepspeed_runs(tmp: Path) -> dict:
     return runs
 
 
-def main() -> int:
-    tier.DEVICE = "cpu"
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    packing = tier.check_packing("sdpa", [129, 257, 16, 97], **SMALL)
-    for i, r in enumerate(packing):
+def packing(attn: str) -> list[dict]:
+    rows = tier.check_packing(attn, [129, 257, 16, 97], **SMALL)
+    for i, r in enumerate(rows):
         tol = tier.PACKED_VS_ALONE_FACTOR * r["bf16_vs_fp32_alone"]
         r["ok"] = r["packed_vs_alone"] <= tol and (i == 0 or r["one_sequence_vs_alone"] > 5 * tol)
+    return rows
+
+
+def main() -> int:
+    from test_gpu_paths import varlen_attn_211
+    from torch.nn.attention import varlen
+
+    from distil.torch_varlen import register
+
+    tier.DEVICE = "cpu"
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    register()
+    varlen.varlen_attn = varlen_attn_211  # the CPU stand-in; this process only
+    packing_by_attn = {attn: packing(attn) for attn in ("sdpa", "torch_varlen")}
     loss = tier.check_loss(2048, 16384, 128, chunk=256, peak_bytes=rss_peak_bytes)
     throughput = tier.measure_throughput("sdpa", [300, 200, 12], 2, tier.bf16_matmul_peak((256,), 3, 2), **SMALL)
-    result = {"packing": packing, "loss": loss, "throughput": throughput}
+    result = {"packing": packing_by_attn, "loss": loss, "throughput": throughput}
     if "--deepspeed" in sys.argv:
         os.environ["OMP_NUM_THREADS"] = "1"
         with tempfile.TemporaryDirectory() as tmp:

@@ -6,8 +6,10 @@
 #
 # Environment: PYTHON (the interpreter whose torch is used; default .venv/bin/python if present, else
 # python3), GPU_TIER_TIMEOUT_S (limit of the pytest run, default 390), OUT (where results go;
-# default bench/results). On a GPU each test writes gpu_<name>.json and this script gpu_tier.json
-# (outcomes, times); without CUDA every GPU test skips with its reason, nothing is written, exit 0.
+# default bench/results), WHEEL_PYTHON (the Python a new carry is built for, default 3.12). On a GPU
+# each test writes gpu_<name>.json and this script gpu_tier.json (outcomes, times), and a test that
+# skips fails the tier; without CUDA every GPU test skips with its reason, nothing is written, exit 0.
+# A PYTHON of another version than the carry's wheels is refused (exit 2) before anything is built.
 #
 # The GPU machine has torch, transformers, accelerate and pytest but no network and no DeepSpeed:
 # the wheels it lacks (bench/gpu/carry.txt) travel in bench/gpu/.carry, git-ignored, built here.
@@ -18,7 +20,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 CARRY=$REPO/bench/gpu/.carry
 OVERLAY=$REPO/bench/gpu/.venv
-WHEEL_PYTHON=3.12                      # the GPU machine's Python: compiled wheels are cp312
+WHEEL_PYTHON=${WHEEL_PYTHON:-3.12}     # the GPU machine's Python: compiled wheels are cp312
 TIMEOUT_S=${GPU_TIER_TIMEOUT_S:-390}
 RESULTS=${OUT:-$REPO/bench/results}
 if [ -z "${PYTHON:-}" ]; then
@@ -38,6 +40,22 @@ build_carry() {
     (cd "$CARRY.tmp" && ls -1 *.whl > MANIFEST && echo "python $WHEEL_PYTHON" >> MANIFEST)
     rm -rf "$CARRY" && mv "$CARRY.tmp" "$CARRY"
 }
+
+# The carry's compiled wheels (pydantic-core, msgpack, psutil, pyyaml) install on one Python version
+# only: refuse any other now, or DeepSpeed would be missing and its tests could not run.
+if [ "${1:-}" != "--build-only" ]; then
+    python_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ||
+        { echo "error: cannot run PYTHON=$PYTHON; pass PYTHON=<a Python with torch>" >&2; exit 2; }
+    carry_python=$(sed -n 's/^python //p' "$CARRY/MANIFEST" 2>/dev/null || true)
+    carry_python=${carry_python:-$WHEEL_PYTHON}
+    if [ "$python_version" != "$carry_python" ]; then
+        echo "error: the carried wheels ($CARRY, from bench/gpu/carry.txt) are for Python $carry_python, but PYTHON=$PYTHON is" \
+             "Python $python_version: DeepSpeed's compiled dependencies would not install and the DeepSpeed" \
+             "tests could not run. Run with PYTHON=<a Python $carry_python with torch>, or build a carry for" \
+             "this one: rm -rf $CARRY && WHEEL_PYTHON=$python_version bench/gpu/run.sh --build-only" >&2
+        exit 2
+    fi
+fi
 
 if [ ! -f "$CARRY/MANIFEST" ]; then
     build_carry || { echo "error: could not build $CARRY; build it where there is network" \
@@ -65,7 +83,7 @@ if [ "$(cat "$OVERLAY/.stamp" 2>/dev/null)" != "$stamp" ]; then
         "$(grep -E "^deepspeed==" "$REPO/bench/gpu/carry.txt")" pytest-timeout nvidia-ml-py; then
         echo "$stamp" > "$OVERLAY/.stamp"
     else
-        log "warning: installing from the carry failed (above); the tests run, DeepSpeed's skip if it is missing"
+        log "error: installing from the carry failed (above); the tier runs, and its DeepSpeed tests fail"
     fi
 fi
 PY=$OVERLAY/bin/python
@@ -85,7 +103,8 @@ fi
 if [ -n "${OUT:-}" ]; then cp "$report.log" "$OUT/gpu_tier.log"; fi
 
 "$PY" - "$report" "$RESULTS" "$rc" "$(($(date +%s) - started))" "$carry_bytes" <<'EOF'
-"""Summarize the junit report; on a GPU write gpu_tier.json, on CPU check every test skipped."""
+"""Summarize the junit report; on a GPU write gpu_tier.json and fail on any skip (something the tier
+needs is missing), on CPU check every test skipped."""
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 import torch
@@ -102,6 +121,9 @@ if torch.cuda.is_available():
     summary = {"pytest_exit": rc, "seconds": seconds, "carry_bytes": carry, "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "counts": counts, "tests": tests}
     (results / "gpu_tier.json").write_text(json.dumps(summary, indent=2) + "\n")
+    skipped = [f"{t['test']}: {t['reason']}" for t in tests if t["outcome"] == "skipped"]
+    if skipped:
+        sys.exit("error: with CUDA no GPU test may skip (the tier would pass without it):\n  " + "\n  ".join(skipped))
 elif not tests or counts["skipped"] != len(tests):
     sys.exit("error: without CUDA every GPU test must skip, got " + json.dumps(counts))
 EOF
