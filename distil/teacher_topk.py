@@ -128,7 +128,7 @@ class TopkStore:
         self.teachers: dict[str, str] = {}  # tokenizer fingerprint -> teacher
         self.k: set[int] = set()
         for row in read_ledger(index):  # a torn last line of a killed job is skipped (Stage 1 cuts it on resume)
-            self.teachers.setdefault(row["tokenizer"], row["teacher"])
+            self.teachers.setdefault(row["tokenizer"], row.get("teacher_model", row["teacher"]))
             self.k.add(row["k"])
             for task, place in row["tasks"].items():
                 self.entries[(row["id"], task)] = TopkEntry(str(self.folder / row["file"]), place["offset"],

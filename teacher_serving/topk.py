@@ -82,8 +82,9 @@ def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str],
 class TopkWriter:
     """Appends arrays to a new part file and index lines to the store's index (see distil/teacher_topk.py)."""
 
-    def __init__(self, folder: Path, tokenizer_id: str, key: dict):
+    def __init__(self, folder: Path, tokenizer_id: str, key: dict, teacher_model: str | None = None):
         self.folder, self.tokenizer_id, self.key = folder, tokenizer_id, key
+        self.teacher_model = teacher_model  # teacher.model as the user wrote it (key["teacher"] is its fingerprint)
         folder.mkdir(parents=True, exist_ok=True)
         self.index = Ledger(folder / INDEX, key=key_of)  # also the lock: one writer per store
         self.part = folder / f"part-{len(list(folder.glob('part-*.bin'))):05d}.bin"
@@ -103,7 +104,8 @@ class TopkWriter:
                 self._file.write(data)
                 self.bytes += len(data)
             lines.append({"id": job.record["id"], **self.key, "tokenizer": self.tokenizer_id,
-                          "k": self.key["sampling"]["topk"],
+                          "k": self.key["sampling"]["topk"], **({"teacher_model": self.teacher_model}
+                                                                 if self.teacher_model else {}),
                           "file": self.part.name, "tasks": tasks})
         self._file.flush()
         os.fsync(self._file.fileno())  # the arrays are on disk before any line points at them
@@ -121,7 +123,7 @@ def score(cfg: ExperimentConfig, pool: StartOnFirstUse, annotations: list[dict],
     of this pass."""
     t = cfg.teacher
     folder = store_dir(cfg.data.key_info_path)
-    writer = TopkWriter(folder, tokenizer_fingerprint(tokenizer), score_key(cfg))
+    writer = TopkWriter(folder, tokenizer_fingerprint(tokenizer), score_key(cfg), t.model)
     try:
         jobs, counts = score_jobs(cfg, annotations, writer.index.done, tokenizer)
         log.info("teacher top-k (k=%d): %d report(s) to score, %d already in %s", t.topk_logprobs, len(jobs),

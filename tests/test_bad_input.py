@@ -265,7 +265,7 @@ def test_annotate_never_writes_into_its_input_and_refuses_no_reports(tmp_path, p
     before = files_under(data)
     assert launch_annotate.main(["--config", CONFIG, f"data.prepared_dir={data}",
                                  f"data.key_info_path={data / 'train.jsonl'}"]) == 2
-    assert "(not a folder, not a prepared split)" in capsys.readouterr().err
+    assert "(not a folder, not a prepared split, not under a file)" in capsys.readouterr().err
     assert files_under(data) == before
     empty = tmp_path / "empty"
     for split in ("train", "valid", "test"):
