@@ -1,6 +1,8 @@
 """Reading MultiClinSum, splitting it per language, and the Stage 1 -> Stage 2 join.
 
-Prepared data is one JSONL file per split with records {id, lang, report, summary, split}.
+Prepared data is one JSONL file per split with records {id, lang, report, summary, split}; reports
+without a gold summary (a release folder with fulltext/ only, a JSON record without `summary`) go to
+a split of their own, `unlabelled` (summary null), never into train/valid/test.
 Texts are kept verbatim (trailing newline included, as in the release files); prompt
 formatting strips them later. Errors name the file or record id and say what to do.
 """
@@ -22,6 +24,7 @@ from distil.ledger import read_ledger
 from distil.teacher_config import is_annotation_of
 
 SPLITS = ("train", "valid", "test")
+UNLABELLED = "unlabelled"  # reports without a gold summary: a prepared file of their own
 RELEASE_DIR = re.compile(r"^(?P<name>.+)_(?P<lang>[a-z]{2})$")
 
 
@@ -45,39 +48,48 @@ def _read_text(path: Path) -> str:
 
 
 def _check_record(record: dict, where: str, languages: Iterable[str]) -> dict:
-    for key in ("id", "lang", "report", "summary"):
+    """A record {id, lang, report, summary}; a missing or null summary makes it unlabelled (summary None)."""
+    record = dict(record, summary=record.get("summary"))
+    for key in ("id", "lang", "report"):
         if not isinstance(record.get(key), str):
-            raise DataError(f"{where}: field {key!r} missing or not a string; each record needs id, lang, report, summary")
+            raise DataError(f"{where}: field {key!r} missing or not a string; each record needs id, lang, report "
+                            "(and summary, or none for a report without one)")
+    if record["summary"] is not None and not isinstance(record["summary"], str):
+        raise DataError(f"{where}: field 'summary' of {record['id']!r} is not a string; give the text, or leave it "
+                        "out (null) for a report without a gold summary")
     if record["lang"] not in languages:
         raise DataError(
             f"{where}: record {record['id']!r} has unknown language {record['lang']!r}; "
             f"supported: {sorted(languages)} (data.languages in the config)"
         )
     for key in ("report", "summary"):
-        if not record[key].strip():
-            raise DataError(f"{where}: record {record['id']!r} has an empty {key}; remove the record or fill it in")
+        if record[key] is not None and not record[key].strip():
+            raise DataError(f"{where}: record {record['id']!r} has an empty {key}; remove the record or fill it in"
+                            + (" (leave the summary out for a report without one)" if key == "summary" else ""))
     return {key: record[key] for key in ("id", "lang", "report", "summary")}
 
 
 def read_release_folder(folder: Path, languages: Iterable[str] = LANGUAGES) -> list[dict]:
-    """One `<name>_<lang>/` folder of the release: fulltext/<id>.txt paired with summaries/<id>_sum.txt."""
+    """One `<name>_<lang>/` folder of the release: fulltext/<id>.txt paired with summaries/<id>_sum.txt, or
+    fulltext/ alone (reports without summaries: unlabelled)."""
     match = RELEASE_DIR.match(folder.name)
     if not match:
         raise DataError(f"{folder}: expected a release folder named <name>_<lang> (e.g. multiclinsum_gs_train_en)")
     lang = match["lang"]
     fulltext, summaries = folder / "fulltext", folder / "summaries"
-    for sub in (fulltext, summaries):
-        if not sub.is_dir():
-            raise DataError(f"{folder}: missing sub-folder {sub.name}/; the release layout is fulltext/ + summaries/")
+    if not fulltext.is_dir():
+        raise DataError(f"{folder}: missing sub-folder fulltext/; the release layout is fulltext/ (+ summaries/)")
+    labelled = summaries.is_dir()
     records = []
     for report_path in sorted(fulltext.glob("*.txt"), key=lambda p: _natural_key(p.name)):
         summary_path = summaries / f"{report_path.stem}_sum.txt"
-        if not summary_path.is_file():
+        if labelled and not summary_path.is_file():
             raise DataError(
-                f"{report_path}: no summary file {summary_path}; add it or remove the report"
+                f"{report_path}: no summary file {summary_path}; add it or remove the report (reports without "
+                "summaries go in a release folder of their own, fulltext/ only)"
             )
-        record = {"id": report_path.stem, "lang": lang,
-                  "report": _read_text(report_path), "summary": _read_text(summary_path)}
+        record = {"id": report_path.stem, "lang": lang, "report": _read_text(report_path),
+                  "summary": _read_text(summary_path) if labelled else None}
         records.append(_check_record(record, str(report_path), languages))
     if not records:
         raise DataError(f"{fulltext}: no *.txt reports found")
@@ -85,7 +97,7 @@ def read_release_folder(folder: Path, languages: Iterable[str] = LANGUAGES) -> l
 
 
 def read_json_records(path: Path, languages: Iterable[str] = LANGUAGES) -> list[dict]:
-    """A .json list or a .jsonl file of {id, lang, report, summary}."""
+    """A .json list or a .jsonl file of {id, lang, report, summary} (summary left out: unlabelled)."""
     text = _read_text(path)
     if path.suffix == ".jsonl":
         rows = []
@@ -131,7 +143,10 @@ def load_sources(sources: Iterable[str | Path], languages: Iterable[str] = LANGU
     seen: dict[str, int] = Counter(r["id"] for r in records)
     duplicates = sorted(i for i, n in seen.items() if n > 1)
     if duplicates:
-        raise DataError(f"duplicate report ids {duplicates[:5]} across {list(map(str, sources))}; ids must be unique")
+        kinds = {r["summary"] is None for r in records if r["id"] == duplicates[0]}
+        clash = " (one with a summary, one without)" if len(kinds) == 2 else ""
+        raise DataError(f"duplicate report ids {duplicates[:5]}{clash} across {list(map(str, sources))}; ids must be "
+                        "unique, labelled and unlabelled reports together")
     return records
 
 
@@ -143,11 +158,15 @@ def split_counts(n: int, fractions: list[float]) -> tuple[int, int, int]:
 
 
 def split_records(records: list[dict], fractions: list[float], seed: int) -> dict[str, list[dict]]:
-    """Deterministic per-language split: sort ids, shuffle with `seed`, cut by `split_counts`."""
+    """Deterministic per-language split of the labelled records: sort ids, shuffle with `seed`, cut by
+    `split_counts`; the unlabelled ones (summary None) are the `unlabelled` split, in id order."""
     by_lang: dict[str, list[dict]] = defaultdict(list)
     for record in records:
-        by_lang[record["lang"]].append(record)
+        if record.get("summary") is not None:
+            by_lang[record["lang"]].append(record)
     out: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    out[UNLABELLED] = [dict(r, split=UNLABELLED) for r in sorted(
+        (r for r in records if r.get("summary") is None), key=lambda r: (r["lang"], _natural_key(r["id"])))]
     for lang in sorted(by_lang):
         group = sorted(by_lang[lang], key=lambda r: _natural_key(r["id"]))
         random.Random(seed).shuffle(group)
@@ -162,7 +181,7 @@ def crop(record: dict, report_chars: int | None, summary_chars: int | None) -> d
     """The paper's character crop (2560 / 512), applied to train and valid only."""
     return dict(record,
                 report=record["report"][:report_chars] if report_chars else record["report"],
-                summary=record["summary"][:summary_chars] if summary_chars else record["summary"])
+                summary=record["summary"][:summary_chars] if summary_chars and record["summary"] else record["summary"])
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -192,25 +211,29 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def dataset_stats(records: list[dict]) -> list[dict]:
-    """The paper's Dataset I table: per language, count and mean/min/max characters."""
+    """The paper's Dataset I table: per language, count and mean/min/max characters (summaries: of the
+    labelled reports), and how many reports have no summary."""
     rows = []
     for lang in sorted({r["lang"] for r in records}):
         group = [r for r in records if r["lang"] == lang]
-        row = {"lang": lang, "count": len(group)}
-        for key in ("report", "summary"):
-            lengths = [len(r[key]) for r in group]
-            row[key] = {"mean": round(statistics.fmean(lengths), 1), "min": min(lengths), "max": max(lengths)}
+        labelled = [r for r in group if r["summary"] is not None]
+        row = {"lang": lang, "count": len(labelled), "unlabelled": len(group) - len(labelled)}
+        for key, rows_with in (("report", group), ("summary", labelled)):
+            lengths = [len(r[key]) for r in rows_with]
+            row[key] = ({"mean": round(statistics.fmean(lengths), 1), "min": min(lengths), "max": max(lengths)}
+                        if lengths else None)
         rows.append(row)
     return rows
 
 
 def format_stats(rows: list[dict]) -> str:
-    lines = ["| lang | reports | report mean | min | max | summary mean | min | max |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| lang | reports | without summary | report mean | min | max | summary mean | min | max |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         rep, summ = r["report"], r["summary"]
-        lines.append(f"| {r['lang']} | {r['count']} | {rep['mean']:.1f} | {rep['min']} | {rep['max']} "
-                     f"| {summ['mean']:.1f} | {summ['min']} | {summ['max']} |")
+        summary = f"{summ['mean']:.1f} | {summ['min']} | {summ['max']}" if summ else "- | - | -"
+        lines.append(f"| {r['lang']} | {r['count']} | {r['unlabelled']} | {rep['mean']:.1f} | {rep['min']} | {rep['max']} "
+                     f"| {summary} |")
     return "\n".join(lines)
 
 

@@ -26,7 +26,8 @@ class TeacherConfig:
     backend: Literal["vllm", "openai"] = option(
         "vllm = engine replicas on this Ray cluster; openai = a remote OpenAI-compatible endpoint "
         "(sends clinical text off the cluster; off by default).", "vllm")
-    splits: list[str] = option("Prepared splits annotated (data.prepared_dir/<split>.jsonl).",
+    splits: list[str] = option("Prepared splits annotated (data.prepared_dir/<split>.jsonl; 'unlabelled' = the "
+                               "reports without a gold summary).",
                               factory=lambda: ["train", "valid", "test"])
     tensor_parallel_size: int = option("GPUs per replica (tensor parallel), packed on one node.", 8)
     pipeline_parallel_size: int = option("Nodes per replica (pipeline parallel) for multi-node teachers.", 1)
@@ -110,9 +111,9 @@ class TeacherConfig:
                  f"must be positive (1.0 = off), got {self.repetition_penalty}")
         require(p, self.grounding_threshold is None or 0 <= self.grounding_threshold <= 1, "grounding_threshold",
                  f"must be in [0, 1] or null, got {self.grounding_threshold}")
-        bad = [s for s in self.splits if s not in ("train", "valid", "test")]
+        bad = [s for s in self.splits if s not in ("train", "valid", "test", "unlabelled")]
         require(p, bool(self.splits) and not bad, "splits",
-                 f"must be a non-empty subset of ['train', 'valid', 'test'], got {self.splits}")
+                 f"must be a non-empty subset of ['train', 'valid', 'test', 'unlabelled'], got {self.splits}")
         for key in ("max_replica_restarts", "api_retries"):
             require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         require(p, self.request_timeout_s > 0, "request_timeout_s", f"must be positive, got {self.request_timeout_s}")

@@ -211,8 +211,10 @@ def _check_meta(path: Path, meta: dict) -> None:
 
 
 def generate_predictions(cfg: EvalConfig, model_path: str, records: list[dict], out_path: str | Path,
-                         task: str = "summarize", engine=None) -> dict:
-    """Generate for every record not yet in `out_path`; returns counts (never any text)."""
+                         task: str = "summarize", engine=None, text_field: str = "prediction",
+                         on_batch=None) -> dict:
+    """Generate for every record not yet in `out_path` (the text under `text_field`; `on_batch(n)` after
+    each appended batch); returns counts (never any text)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ids = [r["id"] for r in records]
@@ -227,11 +229,11 @@ def generate_predictions(cfg: EvalConfig, model_path: str, records: list[dict], 
         meta["frequency_penalty"] = cfg.frequency_penalty
     _check_meta(out_path, meta)
     with Ledger(out_path, key=prediction_id) as ledger:
-        return _generate_missing(cfg, model_path, records, ledger, task, engine)
+        return _generate_missing(cfg, model_path, records, ledger, task, engine, text_field, on_batch)
 
 
 def _generate_missing(cfg: EvalConfig, model_path: str, records: list[dict], ledger: Ledger, task: str,
-                      engine) -> dict:
+                      engine, text_field: str, on_batch) -> dict:
     out_path, ids = ledger.path, [r["id"] for r in records]
     done = {row["id"]: row for row in ledger.records}
     stray = sorted(set(done) - set(ids))
@@ -253,13 +255,15 @@ def _generate_missing(cfg: EvalConfig, model_path: str, records: list[dict], led
             completions = engine.generate([p for p, _ in prompts], Decoding.of(cfg))
             seconds = (time.perf_counter() - t0) / len(batch)
             rows = [{"id": r["id"], "lang": r["lang"],
-                     "prediction": engine.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip(),
+                     text_field: engine.tokenizer.decode(c.token_ids, skip_special_tokens=True).strip(),
                      "prompt_tokens": len(p), "gen_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
                      "truncated": cut, "seconds": seconds}
                     for r, (p, cut), c in zip(batch, prompts, completions)]
             ledger.append(rows)
             stats["generated"] += len(rows)
             stats["truncated"] += sum(cut for _, cut in prompts)
+            if on_batch:
+                on_batch(len(rows))
             log.info("%s: %d/%d reports generated", out_path.name, len(done) + stats["generated"], len(records))
     finally:
         if own_engine:

@@ -30,7 +30,7 @@ from pathlib import Path
 from distil.atomic import blocking_file
 from distil.backend import scoped_environ
 from distil.config import ConfigError, load_config
-from distil.data import SPLITS, DataError
+from distil.data import SPLITS, UNLABELLED, DataError
 from distil.logs import engine_log_env, setup
 from distil.model_check import ModelInputError, check_model_dir
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--limit {args.limit}: must be a positive number of reports (leave it out for all)")
         cfg = load_config(args.config, args.overrides)
         ledger = cfg.data.key_info_path
-        inputs = {(Path(cfg.data.prepared_dir) / f"{split}.jsonl").resolve() for split in SPLITS}
+        inputs = {(Path(cfg.data.prepared_dir) / f"{split}.jsonl").resolve() for split in (*SPLITS, UNLABELLED)}
         if not ledger or Path(ledger).is_dir() or Path(ledger).resolve() in inputs or blocking_file(Path(ledger).parent):
             raise ConfigError(f"{cfg.source}: data.key_info_path={ledger} must name the ledger file Stage 1 writes "
                               "(not a folder, not a prepared split, not under a file), e.g. "

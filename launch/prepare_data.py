@@ -4,7 +4,8 @@
     python launch/prepare_data.py --config launch/configs/paper_qwen25_05b.yaml --stats
 
 --input takes release folders (<name>_<lang>/fulltext + summaries/, or a folder holding several)
-and JSON/JSONL files of {id, lang, report, summary}. Without --input/--output the config's
+and JSON/JSONL files of {id, lang, report, summary}. Reports without a gold summary (a release folder
+with fulltext/ only, records without `summary`) go to unlabelled.jsonl, never into train/valid/test. Without --input/--output the config's
 data.sources / data.prepared_dir are used, with its split and crop settings; key=value overrides
 apply to the config, or to the defaults when there is no --config.
 
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from distil.atomic import publish_dir, staging_dir, write_json
 from distil.config import ConfigError, load_config
-from distil.data import SPLITS, DataError, crop, dataset_stats, format_stats, load_sources, split_records, write_jsonl
+from distil.data import SPLITS, UNLABELLED, DataError, crop, dataset_stats, format_stats, load_sources, split_records, write_jsonl
 
 
-OWN_FILES = {f"{split}.jsonl" for split in SPLITS} | {"manifest.json"}
+PREPARED = (*SPLITS, UNLABELLED)
+OWN_FILES = {f"{split}.jsonl" for split in PREPARED} | {"manifest.json"}
 
 
 def check_paths(inputs: list[str], output: Path) -> None:
@@ -66,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     splits = split_records(records, data.split_fractions, data.split_seed)
     staged = staging_dir(output)  # every split and the manifest, then one swap: never a mix of old and new
-    for split in SPLITS:
+    for split in PREPARED:
         rows = splits[split]
-        if split != "test":
+        if split != "test":  # the unlabelled reports are training inputs too: cropped like train
             rows = [crop(r, data.crop_report_chars, data.crop_summary_chars) for r in rows]
         write_jsonl(staged / f"{split}.jsonl", rows)
-    counts = {split: len(splits[split]) for split in SPLITS}
+    counts = {split: len(splits[split]) for split in PREPARED}
     write_json(staged / "manifest.json",
                {"sources": [str(s) for s in inputs], "counts": counts,
                 "split_fractions": data.split_fractions, "split_seed": data.split_seed,

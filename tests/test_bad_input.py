@@ -122,7 +122,7 @@ def test_prepare_interrupted_leaves_the_old_splits_whole(prepared, monkeypatch, 
     monkeypatch.undo()
     assert prepare_data.main(["--input", str(SAMPLE), "--output", str(prepared), "data.split_seed=7"]) == 0
     manifest = json.loads((prepared / "manifest.json").read_text())
-    assert manifest["split_seed"] == 7 and manifest["counts"] == {"train": 50, "valid": 0, "test": 14}
+    assert manifest["split_seed"] == 7 and manifest["counts"] == {"train": 50, "valid": 0, "test": 14, "unlabelled": 0}
     train = {r["id"] for r in read_jsonl(prepared / "train.jsonl")}
     test = {r["id"] for r in read_jsonl(prepared / "test.jsonl")}
     assert len(train) == 50 and len(test) == 14 and not train & test

@@ -24,7 +24,7 @@ def test_bundled_sample_has_four_languages(sample_records):
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the full English split lives in ../shared/data (CI has it)")
 def test_stats_of_the_real_english_split_match_the_paper_table():
     (row,) = dataset_stats(load_sources([SHARED]))
-    assert row == {"lang": "en", "count": 592,
+    assert row == {"lang": "en", "count": 592, "unlabelled": 0,
                    "report": {"mean": 3785.9, "min": 720, "max": 34072},
                    "summary": {"mean": 725.7, "min": 91, "max": 3884}}
 
@@ -34,7 +34,7 @@ def test_prepare_data_cli_prints_the_table(tmp_path, capsys):
 
     assert prepare.main(["--input", str(SAMPLE / "multiclinsum_gs_train_es"), "--output", str(tmp_path), "--stats"]) == 0
     out = capsys.readouterr().out
-    assert "| es | 8 | 2196.6 | 1864 | 2616 |" in out
+    assert "| es | 8 | 0 | 2196.6 | 1864 | 2616 |" in out
     assert [len((tmp_path / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test")] == [6, 0, 2]
 
 

@@ -1,0 +1,98 @@
+"""Reports without a gold summary (a split of their own) and launch/summarize.py, the deployment step:
+a fulltext-only release folder is prepared, then summarized by a model folder, resumably."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from distil.data import DataError, load_sources, read_jsonl
+from launch import prepare_data
+from launch import summarize as launch_summarize
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+ENGINE = ["eval.backend=hf", "eval.max_new_tokens=6", "eval.max_model_len=768", "eval.device=cpu"]
+
+
+@pytest.fixture
+def fulltext_only(tmp_path):
+    """The bundled English sample without its summaries/ folder: 40 reports nobody has summarized."""
+    folder = tmp_path / "hospital_en"
+    shutil.copytree(SAMPLE / "multiclinsum_gs_train_en" / "fulltext", folder / "fulltext")
+    return folder
+
+
+def test_reports_without_summaries_are_prepared_apart(fulltext_only, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert prepare_data.main(["--input", str(fulltext_only), str(SAMPLE / "multiclinsum_gs_train_es"),
+                              "--output", str(out), "--stats"]) == 0
+    printed = capsys.readouterr().out
+    assert "| en | 0 | 40 | 3603.9 | 998 | 10427 | - | - | - |" in printed and "| es | 8 | 0 |" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 6, "valid": 0, "test": 2, "unlabelled": 40}
+    unlabelled = read_jsonl(out / "unlabelled.jsonl")
+    assert {r["lang"] for r in unlabelled} == {"en"} and all(r["summary"] is None for r in unlabelled)
+    assert all(r["split"] == "unlabelled" for r in unlabelled)
+    labelled = [r for s in ("train", "valid", "test") for r in read_jsonl(out / f"{s}.jsonl")]
+    assert {r["lang"] for r in labelled} == {"es"} and all(r["summary"] for r in labelled)
+    # the labelled split is the one it would be without the unlabelled reports beside it
+    alone = tmp_path / "alone"
+    assert prepare_data.main(["--input", str(SAMPLE / "multiclinsum_gs_train_es"), "--output", str(alone)]) == 0
+    for split in ("train", "valid", "test"):
+        assert (alone / f"{split}.jsonl").read_bytes() == (out / f"{split}.jsonl").read_bytes()
+
+
+def test_unlabelled_input_errors_name_the_record(fulltext_only, tmp_path):
+    clash = tmp_path / "clash.jsonl"  # an id both with and without a summary
+    first = sorted(p.stem for p in (fulltext_only / "fulltext").glob("*.txt"))[0]
+    clash.write_text(json.dumps({"id": first, "lang": "en", "report": "r", "summary": "s"}) + "\n")
+    with pytest.raises(DataError, match=rf"duplicate report ids \['{first}'\] \(one with a summary, one without\)"):
+        load_sources([fulltext_only, clash])
+    (fulltext_only / "fulltext" / f"{first}.txt").write_text("\n")
+    with pytest.raises(DataError, match=rf"record '{first}' has an empty report"):
+        load_sources([fulltext_only])
+    empty_summary = tmp_path / "e.jsonl"
+    empty_summary.write_text(json.dumps({"id": "x", "lang": "en", "report": "r", "summary": " "}) + "\n")
+    with pytest.raises(DataError, match=r"empty summary.*leave the summary out for a report without one"):
+        load_sources([empty_summary])
+
+
+def test_summarize_writes_resumes_and_belongs_to_one_model(fulltext_only, tmp_path, tiny_model, lively_model,
+                                                            capsys):
+    prepared = tmp_path / "D"
+    assert prepare_data.main(["--input", str(fulltext_only), "--output", str(prepared)]) == 0
+    out = tmp_path / "s.jsonl"
+    argv = ["--model", str(tiny_model), "--input", str(prepared), "--output", str(out), "--no-progress", *ENGINE]
+    assert launch_summarize.main([*argv, "--limit", "5"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"summaries: {out} (5 written now, 0 already there, "
+                                                     "3 reports cut to fit)")  # 768 positions
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [r["id"] for r in read_jsonl(prepared / "unlabelled.jsonl")]
+    assert [r["id"] for r in rows] == ids[:5]
+    assert all({"id", "lang", "summary", "finish_reason", "gen_tokens"} <= set(r) for r in rows)
+    assert all(r["lang"] == "en" and isinstance(r["summary"], str) for r in rows)
+    before = out.read_bytes()
+    assert launch_summarize.main([*argv, "--limit", "5"]) == 0  # a rerun writes nothing new
+    assert "(0 written now, 5 already there" in capsys.readouterr().out and out.read_bytes() == before
+    assert launch_summarize.main([*argv, "--limit", "7"]) == 0  # two more, after the five
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ids[:7]
+    capsys.readouterr()
+    other = ["--model", str(lively_model), *argv[2:]]
+    assert launch_summarize.main([*other, "--limit", "7"]) == 2  # another model's summaries are not reused
+    assert "generated by another model" in capsys.readouterr().err
+
+
+def test_summarize_bad_input_is_exit_2_with_nothing_written(tmp_path, tiny_model, capsys):
+    out = tmp_path / "s.jsonl"
+    base = ["--model", str(tiny_model), "--output", str(out), *ENGINE]
+    assert launch_summarize.main([*base, "--input", str(tmp_path / "missing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert launch_summarize.main([*base, "--input", str(SAMPLE), "--limit", "0"]) == 2
+    assert "--limit 0: must be a positive number" in capsys.readouterr().err
+    assert launch_summarize.main(["--model", str(tmp_path), "--output", str(out), "--input", str(SAMPLE)]) == 2
+    assert "--model=" in capsys.readouterr().err
+    assert not out.exists()
