@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from distil.data import load_key_info, read_jsonl, training_examples
+from distil.data import DataError, load_key_info, read_jsonl, training_examples
 from distil.packing import pack_best_fit
 from distil.teacher_topk import TopkStore, store_dir, token_count
 from distil.tokenization import answer_length, encode_example
@@ -101,4 +101,8 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
     if stats.dropped_answer_too_long:
         log.warning("%d examples dropped: their answer alone exceeds train.max_length=%d",
                     stats.dropped_answer_too_long, max_length)
+    if not len(rows):
+        raise DataError(f"{prepared_dir}/train.jsonl gives no training example ({stats.reports} reports, "
+                        f"{stats.dropped_answer_too_long} examples dropped for train.max_length={max_length}): "
+                        "prepare a train split with reports (launch/prepare_data.py), or raise train.max_length")
     return rows, stats

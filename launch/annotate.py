@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                               "data.key_info_path=runs/key_info.jsonl")
         if cfg.teacher.backend == "vllm":  # before Ray and the engines start (openai: the model is remote)
             check_model_dir(cfg.teacher.model, "teacher", "teacher.model")
+        if cfg.teacher.tokenizer:  # it measures and cuts every prompt, whatever the backend
+            check_model_dir(cfg.teacher.tokenizer, "teacher's tokenizer", "teacher.tokenizer", weights=False)
     except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -252,6 +252,25 @@ def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, tiny_model, 
     assert blocker.read_text() == "a file where a folder must be"
 
 
+def test_a_hand_edited_prepared_split_is_named_with_its_line(tmp_path, prepared_dir, tiny_model, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    broken = json.loads(lines[2])
+    del broken["report"]
+    (data / "train.jsonl").write_text("\n".join([*lines[:2], json.dumps(broken), *lines[3:]]) + "\n")
+    assert launch_annotate.main(["--config", CONFIG, f"data.prepared_dir={data}", f"teacher.model={tiny_model}",
+                                 f"data.key_info_path={tmp_path / 'k.jsonl'}", "teacher.splits=[train]"]) == 2
+    assert f"{data / 'train.jsonl'}:3: not a prepared record" in capsys.readouterr().err
+    assert not (tmp_path / "k.jsonl").exists() or (tmp_path / "k.jsonl").read_text() == ""
+
+
+def test_a_missing_teacher_tokenizer_is_refused_before_ray_starts(tmp_path, tiny_model, capsys):
+    assert launch_annotate.main(["--config", CONFIG, f"teacher.model={tiny_model}",
+                                 f"teacher.tokenizer={tmp_path / 'nope'}", f"data.key_info_path={tmp_path / 'k.jsonl'}"]) == 2
+    assert f"teacher.tokenizer={tmp_path / 'nope'} (teacher's tokenizer): no such file or folder" in capsys.readouterr().err
+
+
 def test_annotate_refuses_a_ledger_path_that_is_a_folder(tmp_path, capsys):
     assert launch_annotate.main(["--config", CONFIG, f"data.key_info_path={tmp_path}"]) == 2
     assert f"data.key_info_path={tmp_path} must name the ledger file" in capsys.readouterr().err

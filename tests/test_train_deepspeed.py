@@ -161,6 +161,18 @@ def test_another_student_into_the_same_output_dir_is_refused(zero2_run, lively_m
     assert sorted(p.name for p in (tmp / "run").iterdir()) == before
 
 
+def test_a_train_split_without_examples_is_a_clear_error(tmp_path, tiny_model):
+    empty = tmp_path / "prepared"
+    empty.mkdir()
+    for split in ("train", "valid", "test"):
+        (empty / f"{split}.jsonl").write_text("")
+    config = _config(tmp_path, empty, tiny_model, "run", max_steps=2)
+    proc = subprocess.run(_command(config, 1), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"error: {empty}/train.jsonl gives no training example (0 reports" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.timeout(900)
 def test_one_rank_with_accumulation_equals_two_ranks(zero2_run, prepared_dir, tiny_model):
     tmp, _, _ = zero2_run
