@@ -197,27 +197,32 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """A prepared split: each line {id, lang, report, summary (text or null)}, ids unique. A file edited by
-    hand or written by another program is refused here, naming the line, not deep inside a stage."""
     if not Path(path).is_file():
         raise DataError(f"{path}: not found; run launch/prepare_data.py first (data.prepared_dir in the config)")
-    rows, seen = [], set()
+    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                bad = [k for k in ("id", "lang", "report") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-                if bad or not (row.get("summary") is None or isinstance(row["summary"], str)):
-                    raise DataError(f"{path}:{lineno}: not a prepared record (needs id, lang, report as text and "
-                                    "summary as text or null); regenerate the folder with launch/prepare_data.py")
-                if row["id"] in seen:
-                    raise DataError(f"{path}:{lineno}: report {row['id']!r} appears twice; regenerate the folder with "
-                                    "launch/prepare_data.py")
-                seen.add(row["id"])
-                rows.append(row)
+    return rows
+
+
+def read_prepared(path: Path) -> list[dict]:
+    """A prepared split: each line {id, lang, report, summary (text or null)}, ids unique. A file edited by
+    hand or written by another program is refused here, naming the line, not deep inside a stage."""
+    rows, seen = read_jsonl(path), set()
+    for lineno, row in enumerate(rows, 1):
+        bad = [k for k in ("id", "lang", "report") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if bad or not (row.get("summary") is None or isinstance(row["summary"], str)):
+            raise DataError(f"{path}: record {lineno}: not a prepared record (needs id, lang, report as text and "
+                            "summary as text or null); regenerate the folder with launch/prepare_data.py")
+        if row["id"] in seen:
+            raise DataError(f"{path}: record {lineno}: report {row['id']!r} appears twice; regenerate the folder "
+                            "with launch/prepare_data.py")
+        seen.add(row["id"])
     return rows
 
 

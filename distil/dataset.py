@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from distil.data import DataError, load_key_info, read_jsonl, training_examples
+from distil.data import DataError, load_key_info, read_prepared, training_examples
 from distil.packing import pack_best_fit
 from distil.teacher_topk import TopkStore, store_dir, token_count
 from distil.tokenization import answer_length, encode_example
@@ -74,7 +74,7 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
     (distil.teacher_config.annotation_key of the config's teacher). With `kd`, each example carries the
     teacher's top-k that Stage 1 stored beside key_info_path (a student with another tokenizer is refused
     here, before any step), less the ids no token of the tokenizer has (a teacher's padded vocabulary)."""
-    records = read_jsonl(Path(prepared_dir) / "train.jsonl")
+    records = read_prepared(Path(prepared_dir) / "train.jsonl")
     if (gamma < 1.0 or kd) and key_info_path is None:
         raise ValueError("loss.gamma < 1 trains the extraction task and loss.kd_alpha > 0 distils the teacher's "
                          "top-k; both need data.key_info_path (the Stage 1 ledger; the top-k store lies beside it); "

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from distil.backend import PACKED_ROWS_ONLY
 from distil.config import ExperimentConfig
-from distil.data import DataError, read_jsonl
+from distil.data import DataError, read_prepared
 from eval.bertscore import BertScore
 from eval.generate import Decoding, HfEngine, prompt_ids
 from eval.scoring import FAITHFULNESS, METRICS, score_predictions
@@ -34,7 +34,7 @@ class GenerationEvalCallback(TrainerCallback):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg.eval
         path = Path(cfg.data.prepared_dir) / f"{cfg.eval.callback_split}.jsonl"
-        self.records = read_jsonl(path)[: cfg.eval.callback_subset]
+        self.records = read_prepared(path)[: cfg.eval.callback_subset]
         if not self.records:
             raise DataError(f"{path} is empty: eval.callback_steps needs reports to summarize; "
                             "set eval.callback_split to a split that has some")

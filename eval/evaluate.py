@@ -18,7 +18,7 @@ from pathlib import Path
 
 from distil.atomic import write_text
 from distil.config import ExperimentConfig
-from distil.data import DataError, read_jsonl
+from distil.data import DataError, read_prepared
 from distil.teacher_config import annotation_key
 from eval.bertscore import BertScore
 from eval.generate import generate_predictions, read_predictions
@@ -36,7 +36,7 @@ def evaluate(cfg: ExperimentConfig, models: dict[str, str]) -> str:
     returns what to print (the means and the faithfulness table, never report text)."""
     e = cfg.eval
     out = Path(e.output_dir)
-    records = read_jsonl(Path(cfg.data.prepared_dir) / f"{e.split}.jsonl")
+    records = read_prepared(Path(cfg.data.prepared_dir) / f"{e.split}.jsonl")
     if not records:
         raise DataError(f"{cfg.data.prepared_dir}/{e.split}.jsonl has no records to evaluate")
     if e.showcase_id:

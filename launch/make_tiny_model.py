@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from distil.config import ConfigError, load_config
-from distil.data import DataError, read_jsonl
+from distil.data import DataError, read_prepared
 from distil.tiny import make_tiny_model
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "config.json").is_file() and not args.force:
             print(f"model: {out} (exists)")
             return 0
-        records = read_jsonl(Path(cfg.data.prepared_dir) / "train.jsonl")
+        records = read_prepared(Path(cfg.data.prepared_dir) / "train.jsonl")
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

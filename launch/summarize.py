@@ -27,7 +27,7 @@ from pathlib import Path
 from distil.atomic import blocking_file
 from distil.backend import scoped_environ
 from distil.config import ConfigError, load_config
-from distil.data import SPLITS, UNLABELLED, DataError, load_sources, read_jsonl
+from distil.data import SPLITS, UNLABELLED, DataError, load_sources, read_prepared
 from distil.ledger import LedgerError, read_ledger
 from distil.logs import engine_log_env, route_libraries, setup
 from distil.model_check import ModelInputError, check_model_dir
@@ -40,7 +40,7 @@ def read_input(path: str, splits: list[str] | None, languages: list[str]) -> lis
     folder = Path(path)
     if folder.is_dir() and any((folder / f"{s}.jsonl").is_file() for s in PREPARED):
         chosen = splits or [s for s in PREPARED if (folder / f"{s}.jsonl").is_file()]
-        return [r for split in chosen for r in read_jsonl(folder / f"{split}.jsonl")]
+        return [r for split in chosen for r in read_prepared(folder / f"{split}.jsonl")]
     if splits:
         raise DataError(f"--split applies to a prepared folder (train/valid/test/unlabelled.jsonl); {path} is not one")
     return load_sources([path], languages)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from distil.atomic import write_json
 from distil.config import ExperimentConfig, TeacherConfig
-from distil.data import DataError, read_jsonl
+from distil.data import DataError, read_prepared
 from distil.ledger import Ledger
 from distil.logs import verbose
 from distil.prompts import build_messages
@@ -108,7 +108,7 @@ def load_pending(cfg: ExperimentConfig, ledger: Ledger, limit: int | None) -> tu
     t = cfg.teacher
     records = []
     for split in t.splits:
-        records += read_jsonl(Path(cfg.data.prepared_dir) / f"{split}.jsonl")
+        records += read_prepared(Path(cfg.data.prepared_dir) / f"{split}.jsonl")
     if limit is not None:
         records = records[:limit]
     wanted = annotation_key(t)

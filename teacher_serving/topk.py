@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distil.config import ExperimentConfig
-from distil.data import read_jsonl
+from distil.data import read_prepared
 from distil.ledger import Ledger
 from distil.teacher_config import annotation_key, is_annotation_of, key_of, record_key
 from distil.teacher_topk import INDEX, sequence_fingerprint, store_dir, to_bytes, tokenizer_fingerprint
@@ -54,7 +54,7 @@ def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str],
     t = cfg.teacher
     wanted = annotation_key(t)
     mine = {r["id"]: r for r in annotations if is_annotation_of(r, wanted)}
-    records = read_jsonl(Path(cfg.data.prepared_dir) / "train.jsonl") if "train" in t.splits else []
+    records = read_prepared(Path(cfg.data.prepared_dir) / "train.jsonl") if "train" in t.splits else []
     key = score_key(cfg)
     jobs, counts = [], Counter()
     for record in records:

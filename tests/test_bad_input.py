@@ -261,7 +261,7 @@ def test_a_hand_edited_prepared_split_is_named_with_its_line(tmp_path, prepared_
     (data / "train.jsonl").write_text("\n".join([*lines[:2], json.dumps(broken), *lines[3:]]) + "\n")
     assert launch_annotate.main(["--config", CONFIG, f"data.prepared_dir={data}", f"teacher.model={tiny_model}",
                                  f"data.key_info_path={tmp_path / 'k.jsonl'}", "teacher.splits=[train]"]) == 2
-    assert f"{data / 'train.jsonl'}:3: not a prepared record" in capsys.readouterr().err
+    assert f"{data / 'train.jsonl'}: record 3: not a prepared record" in capsys.readouterr().err
     assert not (tmp_path / "k.jsonl").exists() or (tmp_path / "k.jsonl").read_text() == ""
 
 
