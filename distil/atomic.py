@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -28,16 +29,26 @@ def blocking_file(folder: str | Path) -> Path | None:
     return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def foreign_files(folder: str | Path, own: Callable[[str], bool]) -> list[str]:
+    """Names in `folder` that its writer does not own (`own(name)` False): publish_dir would delete them."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if not own(p.name)) if folder.is_dir() else []
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
     """Write `path` through a temporary file, fsync'd, then renamed over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, value, indent: int | None = 2) -> None:

@@ -369,8 +369,8 @@ def check_training(cfg: ExperimentConfig) -> None:
                  "(launch/annotate.py writes it), or loss.gamma=1.0 loss.kd_alpha=0 for summary-only training")
     elif key_info and Path(key_info).is_dir():
         p.append(f"data.key_info_path={key_info} is a folder; it names the Stage 1 ledger file, e.g. runs/key_info.jsonl")
-    if blocking_file(cfg.train.output_dir):
-        p.append(f"train.output_dir={cfg.train.output_dir}: {blocking_file(cfg.train.output_dir)} is a file; pass a "
+    if blocker := blocking_file(cfg.train.output_dir):
+        p.append(f"train.output_dir={cfg.train.output_dir}: {blocker} is a file; pass a "
                  "folder for the checkpoints and the model")
     ds = cfg.train.deepspeed
     if ds:

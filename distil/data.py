@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import statistics
@@ -19,6 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from distil.atomic import write_text
 from distil.config import LANGUAGES
 from distil.ledger import read_ledger
 from distil.teacher_config import is_annotation_of
@@ -185,15 +185,8 @@ def crop(record: dict, report_chars: int | None, summary_chars: int | None) -> d
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """Write atomically (temp file + rename) so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically (distil.atomic: temp file + rename) so a killed run never leaves half a file."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -64,14 +64,12 @@ def recommendation(student: StudentPlan, teacher: TeacherPlan, nodes: int, gpus_
                      f"{tbest.sequences} concurrent {teacher.context}-token sequences")
     if best is None or tbest is None:  # settings for a stage that cannot run would be a plan that cannot run
         return lines
-    lines += ["", "  # experiment YAML"]
-    if best is not None:
-        lines += ["  model:", f"    gradient_checkpointing: {str(best.checkpointing).lower()}",
-                  "  train:", f"    deepspeed: ds_configs/{best.strategy}.json", f"    pack_length: {student.tokens}"]
-    if tbest is not None:
-        lines += ["  teacher:", f"    tensor_parallel_size: {tbest.tensor_parallel_size}",
-                  f"    max_model_len: {teacher.context}"]
-    lines += ["  slurm:", f"    gpus_per_node: {gpus_per_node}", f"    stage1_nodes: {teacher_nodes}",
+    lines += ["", "  # experiment YAML",
+              "  model:", f"    gradient_checkpointing: {str(best.checkpointing).lower()}",
+              "  train:", f"    deepspeed: ds_configs/{best.strategy}.json", f"    pack_length: {student.tokens}",
+              "  teacher:", f"    tensor_parallel_size: {tbest.tensor_parallel_size}",
+              f"    max_model_len: {teacher.context}",
+              "  slurm:", f"    gpus_per_node: {gpus_per_node}", f"    stage1_nodes: {teacher_nodes}",
               f"    stage2_nodes: {nodes}", "",
               "  # sbatch (slurm/pipeline.sh CONFIG passes these from the YAML)",
               f"  sbatch --nodes={teacher_nodes} --gpus-per-node={gpus_per_node} slurm/stage1.sbatch CONFIG",

@@ -126,8 +126,8 @@ def fetch(cache_dir: Path) -> Path:
     folder = Path(cache_dir) / FOLDER_NAME
     if is_fetched(folder):
         return folder
-    if blocking_file(folder.parent):
-        raise ModelFetchError(f"--cache-dir {cache_dir}: {blocking_file(folder.parent)} is a file; pass a folder "
+    if blocker := blocking_file(folder.parent):
+        raise ModelFetchError(f"--cache-dir {cache_dir}: {blocker} is a file; pass a folder "
                               "(created if missing)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s into %s (about 30 s)", GGUF_NAME, folder)

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from distil.atomic import write_text
+from distil.atomic import write_bytes, write_text
 
 from eval.metrics import bootstrap_ci
 from eval.scoring import FAITHFULNESS, GOLD, METRICS
@@ -114,11 +114,10 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 
 def save_figure(fig, path: str | Path) -> None:
-    """Rendered beside `path`, then renamed over it (a kill never leaves half a PNG)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    """Rendered in memory, then written whole (a kill never leaves half a PNG)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_bytes(path, png.getvalue())
 
 
 def speed(scores: dict[str, list[dict]], teacher_label: str, gpu_hour_price: float, gpu_count: int,

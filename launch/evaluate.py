@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models, late_overrides = split_models(args.models)
         cfg = load_config(args.config, list(args.overrides) + late_overrides)
-        if blocking_file(cfg.eval.output_dir):
-            raise ConfigError(f"{cfg.source}: eval.output_dir={cfg.eval.output_dir}: {blocking_file(cfg.eval.output_dir)} "
+        if blocker := blocking_file(cfg.eval.output_dir):
+            raise ConfigError(f"{cfg.source}: eval.output_dir={cfg.eval.output_dir}: {blocker} "
                               "is a file; pass a folder")
         for label, path in models.items():  # all of them before the first engine starts
             check_model_dir(path, f"model {label}", f"--models {label}")

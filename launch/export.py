@@ -11,10 +11,11 @@ any model input. Exit status 0 = exported and checked, 2 = bad input, 1 = the ex
 from __future__ import annotations
 
 import argparse
-import sys
 import re
+import sys
 from pathlib import Path
 
+from distil.atomic import foreign_files
 from distil.checkpoints import check_checkpoint, export_checkpoint
 from distil.model_check import ModelInputError, check_model_dir
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if output.exists() and not output.is_dir():
             raise ModelInputError(f"--output {output} is a file; pass a folder for the model (created, or replaced "
                                   "as a whole)")
-        foreign = sorted(p.name for p in output.iterdir() if not MODEL_FILE.match(p.name)) if output.is_dir() else []
+        foreign = foreign_files(output, MODEL_FILE.match)
         if foreign:  # e.g. the checkpoint itself, or a whole train.output_dir: replacing it would delete them
             raise ModelInputError(f"--output {output} holds more than a model ({foreign[:4]}), and the export replaces "
                                   "the folder as a whole; pass a new folder, e.g. <train.output_dir>/hf-step<N>")

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distil.atomic import publish_dir, staging_dir, write_json
+from distil.atomic import foreign_files, publish_dir, staging_dir, write_json
 from distil.config import ConfigError, load_config
 from distil.data import SPLITS, UNLABELLED, DataError, crop, dataset_stats, format_stats, load_sources, split_records, write_jsonl
 
@@ -40,7 +40,7 @@ def check_paths(inputs: list[str], output: Path) -> None:
                             "folder, e.g. --output data/prepared")
     if output.exists() and not output.is_dir():
         raise DataError(f"--output {output} is a file; pass a folder (it is created, or replaced as a whole)")
-    foreign = sorted(p.name for p in output.iterdir() if p.name not in OWN_FILES) if output.is_dir() else []
+    foreign = foreign_files(output, OWN_FILES.__contains__)
     if foreign:
         raise DataError(f"--output {output} holds files prepare_data did not write ({foreign[:5]}), and preparing "
                         "replaces the folder as a whole; move them out, or write to another folder")
