@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 from distil.atomic import blocking_file
+from distil.backend import scoped_environ
 from distil.config import ConfigError, load_config
 from distil.data import DataError
-from distil.backend import scoped_environ
 from distil.logs import engine_log_env, route_libraries, setup
 from distil.model_check import check_model_dir
 
