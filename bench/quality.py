@@ -51,6 +51,7 @@ from distil.config import load_config  # noqa: E402
 from distil.data import read_jsonl, write_jsonl  # noqa: E402
 
 ARMS = ("base", "standard", "distil", "standard_matched", "distil_kd")
+TEACHER_ARMS = ("seqkd", "distil_seqkd", "teacher")  # with a trained teacher (--trained-teacher)
 METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "unsupported_numbers", "novel_terms", "repeat4")
 LOWER_IS_BETTER = ("unsupported_numbers", "novel_terms", "repeat4")
 GOLD = ("ref_copy4", "ref_unsupported_numbers", "ref_novel_terms", "ref_repeat4")  # the test references' own rates
@@ -99,7 +100,10 @@ def run(cmd: list[str], log: Path, env: dict) -> None:
 
 
 def prepare(args, env: dict) -> Path:
-    """Paper split of the sources; the first --train-reports training reports (the split is shuffled)."""
+    """Paper split of the sources; the first --train-reports training reports (the split is shuffled) are the
+    student's labelled split. With a trained teacher (--teacher-reports) the next --unlabelled-reports lose
+    their summaries (data/unlabelled.jsonl) and the next --teacher-reports are the teacher's own training
+    split (teacher_data/train.jsonl): three disjoint sets of reports; valid and test are the same for all."""
     data = args.work / "data"
     if (data / "subset.json").is_file():
         return data
@@ -108,24 +112,63 @@ def prepare(args, env: dict) -> Path:
         args.work / "logs" / "prepare.log", env)
     train = read_jsonl(full / "train.jsonl")
     keep = train[:args.train_reports] if args.train_reports else train
+    subset = {"train_reports": len(keep), "of": len(train)}
+    folders = [data]
+    if args.teacher_reports:
+        start, end = len(keep), len(keep) + args.unlabelled_reports + args.teacher_reports
+        if not args.train_reports or end > len(train):
+            raise SystemExit(f"error: --train-reports {args.train_reports} + --unlabelled-reports "
+                             f"{args.unlabelled_reports} + --teacher-reports {args.teacher_reports} must be at most "
+                             f"the {len(train)} training reports (and --train-reports above 0)")
+        unlabelled = train[start:start + args.unlabelled_reports]
+        write_jsonl(data / "unlabelled.jsonl", [dict(r, summary=None, split="unlabelled") for r in unlabelled])
+        write_jsonl(args.work / "teacher_data" / "train.jsonl", train[start + args.unlabelled_reports:end])
+        subset.update(unlabelled_reports=len(unlabelled), teacher_reports=end - start - len(unlabelled))
+        folders.append(args.work / "teacher_data")
     write_jsonl(data / "train.jsonl", keep)
     for split in ("valid", "test"):
         rows = read_jsonl(full / f"{split}.jsonl")
-        write_jsonl(data / f"{split}.jsonl", rows[:args.test_reports] if split == "test" and args.test_reports else rows)
-    (data / "subset.json").write_text(json.dumps({"train_reports": len(keep), "of": len(train)}))
+        for folder in folders:
+            write_jsonl(folder / f"{split}.jsonl",
+                        rows[:args.test_reports] if split == "test" and args.test_reports else rows)
+    (data / "subset.json").write_text(json.dumps(subset))
     return data
 
 
-def token_budget(cfg, data: Path, key_info: Path, gamma: float) -> dict:
+def train_teacher(args, common: list[str], env: dict) -> str:
+    """The teacher that knows more: the student's own recipe (summaries only) on the teacher split, for
+    --teacher-epochs. Returns the model to name as teacher.model: its folder, or, when the folder is gone
+    (a fresh clone) but keep/teacher_model.json recorded it, its fingerprint: the Stage 1 outputs kept in
+    --keep are selected by that (distil/fingerprint.py), so the arms train without retraining the teacher."""
+    from distil.fingerprint import model_identity
+
+    record, out = args.keep / "teacher_model.json", args.work / "teacher"
+    if record.is_file() and not (out / "hf" / "config.json").is_file():
+        return json.loads(record.read_text())["identity"]
+    if not (out / "hf" / "config.json").is_file():
+        t0 = time.time()
+        run([*shlex.split(args.launcher), "launch/train.py", "--config", args.config, *common,
+             f"data.prepared_dir={args.work / 'teacher_data'}", "loss.gamma=1.0", "loss.kd_alpha=0",
+             f"train.num_epochs={args.teacher_epochs}", f"train.output_dir={out}"],
+            args.work / "logs" / "train_teacher.log", {**env, "OMP_NUM_THREADS": "1"})
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"identity": model_identity(str(out / "hf")), "folder": str(out / "hf"),
+                                      "epochs": args.teacher_epochs, "train_wall_s": round(time.time() - t0, 1),
+                                      "reports": len(read_jsonl(args.work / "teacher_data" / "train.jsonl"))}) + "\n")
+    return str(out / "hf")
+
+
+def token_budget(cfg, data: Path, key_info: Path, gamma: float, overrides: list[str]) -> dict:
     """Tokens the arm trains on per epoch: all (compute) and supervised (assistant answers)."""
     from transformers import AutoTokenizer
 
     from distil.dataset import load_train_rows
     from distil.teacher_config import annotation_key
 
+    weight = next((float(o.split("=", 1)[1]) for o in overrides if o.startswith("loss.teacher_summary_weight=")), 0.0)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     _, stats = load_train_rows(tokenizer, str(data), str(key_info), gamma, cfg.train.max_length, cfg.train.pack_length,
-                               annotation=annotation_key(cfg.teacher))
+                               annotation=annotation_key(cfg.teacher), teacher_summary_weight=weight)
     return {"tokens": stats.tokens, "supervised": stats.labelled_tokens, "rows": stats.rows}
 
 
@@ -187,21 +230,44 @@ def check_settings(path: Path, settings: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="launch/configs/smollm2_to_smollm2_quality_cpu.yaml")
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "quality")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
-    parser.add_argument("--keep", type=Path, default=REPO / "bench" / "results" / "quality",
-                        help="the key-info ledger and the finished arms' results (small; kept across clones)")
+    parser.add_argument("--trained-teacher", action="store_true",
+                        help="the teacher that knows more (see above): sets the defaults of --work, --out, --keep, "
+                             "--unlabelled-reports, --teacher-reports and --arms to that bench's")
+    parser.add_argument("--work", type=Path, help="scratch folder (default runs/quality, or runs/quality_teacher)")
+    parser.add_argument("--out", type=Path, help="result (default bench/results/quality.json or quality_teacher.json)")
+    parser.add_argument("--keep", type=Path,
+                        help="the teacher's Stage 1 outputs and the finished arms' results (small; kept across clones; "
+                             "default bench/results/quality/ or quality_teacher/)")
     parser.add_argument("--launcher", default=f"{Path(sys.executable).parent / 'deepspeed'} --num_gpus 2 "
                                               f"--master_port {free_port()}",
                         help="how Stage 2 is started (on a GPU node: deepspeed)")
     parser.add_argument("--train-reports", type=int, default=160, help="first N of the train split; 0 = all")
     parser.add_argument("--test-reports", type=int, default=0, help="first N of the test split; 0 = all (the bench)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--unlabelled-reports", type=int, help="trained teacher: the next N train reports, without "
+                                                               "their summaries (default 100)")
+    parser.add_argument("--teacher-reports", type=int, help="trained teacher: the next N train reports are its "
+                                                            "training split (default 214; 0 = the self-teacher)")
+    parser.add_argument("--teacher-epochs", type=float, default=4.0, help="trained teacher: its epochs")
+    parser.add_argument("--teacher-summary-weight", type=float, default=1.0,
+                        help="loss.teacher_summary_weight of the seqkd arms")
+    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS)
     parser.add_argument("--kd-alpha", type=float, default=1.0, help="loss.kd_alpha of the distil_kd arm")
     parser.add_argument("--kd-beta", type=float, default=0.5, help="loss.kd_beta of the distil_kd arm (0.5 = JSD)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
     args = parser.parse_args(argv)
-    args.work, args.keep = args.work.resolve(), args.keep.resolve()
+    name = "quality_teacher" if args.trained_teacher else "quality"
+    args.work = (args.work or REPO / "runs" / name).resolve()
+    args.keep = (args.keep or REPO / "bench" / "results" / name).resolve()
+    args.out = args.out or REPO / "bench" / "results" / f"{name}.json"
+    if args.teacher_reports is None:
+        args.teacher_reports = 214 if args.trained_teacher else 0
+    if args.unlabelled_reports is None:
+        args.unlabelled_reports = 100 if args.teacher_reports else 0
+    all_arms = ARMS + TEACHER_ARMS if args.teacher_reports else ARMS
+    args.arms = args.arms or list(all_arms)
+    if not args.teacher_reports and set(args.arms) & set(TEACHER_ARMS):
+        raise SystemExit(f"error: arms {sorted(set(args.arms) & set(TEACHER_ARMS))} need a trained teacher "
+                         "(--trained-teacher or --teacher-reports N)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cfg = load_config(args.config, args.overrides)
     started = time.time()
@@ -209,48 +275,64 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare(args, env)
     settings = {"config": str(args.config), "train_reports": json.loads((data / "subset.json").read_text()),
                 "test_reports": len(read_jsonl(data / "test.jsonl")), "overrides": args.overrides}
+    if args.teacher_reports:
+        settings.update(teacher_epochs=args.teacher_epochs, teacher_summary_weight=args.teacher_summary_weight)
     check_settings(args.keep / "settings.json", settings)
     key_info = args.keep / "key_info.jsonl"
     common = [f"data.prepared_dir={data}", f"data.key_info_path={key_info}", *args.overrides]
-    if any(arm in args.arms for arm in ("distil", "standard_matched", "distil_kd")):
-        run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
-             "teacher.splits=[train]"], args.work / "logs" / "annotate.log", env)
+    teacher = cfg.teacher.model
+    if args.teacher_reports:
+        teacher = train_teacher(args, common, env)
+        common.append(f"teacher.model={teacher}")
+    if any(arm in args.arms for arm in ("distil", "standard_matched", "distil_kd", "seqkd", "distil_seqkd")):
+        if Path(teacher).is_dir() or not args.teacher_reports:  # else: the kept outputs of a teacher now gone
+            splits = "[train,unlabelled]" if args.teacher_reports else "[train]"
+            summarize = ["teacher.summarize=true"] if args.teacher_reports else []
+            run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
+                 f"teacher.splits={splits}", *summarize], args.work / "logs" / "annotate.log", env)
+    cfg = load_config(args.config, common[2:])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     max_new = covering_tokens(tokenizer, [r["summary"] for r in read_jsonl(data / "test.jsonl")])
-    budget = {"standard": token_budget(cfg, data, key_info, 1.0)}
-    epochs, matched_epochs = cfg.train.num_epochs, None
-    if key_info.is_file():  # written by Stage 1 above; absent when only base / standard are asked for
-        budget["distil"] = token_budget(cfg, data, key_info, cfg.loss.gamma)
-        matched_epochs = round(epochs * budget["distil"]["supervised"] / budget["standard"]["supervised"], 3)
+    epochs = cfg.train.num_epochs
+    seqkd = [f"loss.teacher_summary_weight={args.teacher_summary_weight}"]
     kd = [f"loss.kd_alpha={args.kd_alpha}", f"loss.kd_beta={args.kd_beta}"]
-    plan = {"base": None, "standard": (1.0, epochs, []), "distil": (cfg.loss.gamma, epochs, []),
-            "standard_matched": (1.0, matched_epochs, []), "distil_kd": (cfg.loss.gamma, epochs, kd)}
+    plan = {"base": None, "teacher": None, "standard": (1.0, []), "distil": (cfg.loss.gamma, []),
+            "distil_kd": (cfg.loss.gamma, kd), "seqkd": (1.0, seqkd), "distil_seqkd": (cfg.loss.gamma, seqkd)}
+    budget = {"standard": token_budget(cfg, data, key_info, 1.0, [])}
+    if key_info.is_file():  # written by Stage 1 above; absent when only base / standard are asked for
+        for arm in [a for a in ("distil", "seqkd", "distil_seqkd") if a in all_arms]:
+            budget[arm] = token_budget(cfg, data, key_info, *plan[arm])
+        largest = max(budget.values(), key=lambda b: b["supervised"])
+        plan["standard_matched"] = (1.0, [], round(epochs * largest["supervised"] / budget["standard"]["supervised"], 3))
+    budget_of = {"distil_kd": "distil", "standard_matched": "standard"}
 
     results_dir = args.keep
     results_dir.mkdir(parents=True, exist_ok=True)
     for arm in args.arms:
         result_file = results_dir / f"{arm}.json"
+        model = {"base": cfg.model.name_or_path, "teacher": teacher}.get(arm, str(args.work / arm / "hf"))
         if result_file.is_file():
-            model = cfg.model.name_or_path if plan[arm] is None else str(args.work / arm / "hf")
             refresh_kept(result_file, arm, args.work / "eval" / arm,
                          lambda: evaluate_arm(args, arm, model, common, max_new, env))
             continue
         t0 = time.time()
-        model = cfg.model.name_or_path
         train_tokens = {"supervised": 0, "tokens": 0, "epochs": 0}
         if plan[arm] is not None:
-            gamma, arm_epochs, arm_overrides = plan[arm]
+            gamma, arm_overrides, *arm_epochs = plan[arm]
+            arm_epochs = arm_epochs[0] if arm_epochs else epochs
             out = args.work / arm
             if not (out / "hf" / "config.json").is_file():
                 run([*shlex.split(args.launcher), "launch/train.py", "--config", args.config, *common,
                      f"loss.gamma={gamma}", f"train.num_epochs={arm_epochs}", f"train.output_dir={out}", *arm_overrides],
                     args.work / "logs" / f"train_{arm}.log", {**env, "OMP_NUM_THREADS": "1"})
-            per_epoch = budget["standard" if gamma == 1.0 else "distil"]
+            per_epoch = budget[budget_of.get(arm, arm)]
             train_tokens = {k: round(per_epoch[k] * arm_epochs) for k in ("supervised", "tokens")}
             train_tokens["epochs"] = arm_epochs
-            model = str(out / "hf")
+        elif arm == "teacher":
+            teacher_record = json.loads((args.keep / "teacher_model.json").read_text())
+            train_tokens["epochs"] = teacher_record["epochs"]
         train_s = time.time() - t0
         means, per_report, gold = arm_result(evaluate_arm(args, arm, model, common, max_new, env), arm)
         result = {**means, "gold_summaries": gold, "n": len(per_report),
@@ -265,10 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arm}: " + ", ".join(f"{m} {means[m]:.2f}" for m in METRICS) + f" ({result['wall_s']:.0f} s)",
               flush=True)
 
-    done = {arm: json.loads((results_dir / f"{arm}.json").read_text()) for arm in ARMS
+    done = {arm: json.loads((results_dir / f"{arm}.json").read_text()) for arm in all_arms
             if (results_dir / f"{arm}.json").is_file()}
+    pairs = PAIRS if not args.teacher_reports else tuple(
+        (arm, "standard_matched") for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", "teacher"))
     report = {
-        "config": args.config, "model": cfg.model.name_or_path, "teacher": cfg.teacher.model,
+        "config": args.config, "model": cfg.model.name_or_path, "teacher": teacher,
         "train_reports": json.loads((data / "subset.json").read_text()), "test_reports": len(read_jsonl(data / "test.jsonl")),
         "eval_max_new_tokens": max_new, "eval_max_new_tokens_rule": "95th percentile of the test references' tokens + 1, up to x32",
         "tokens_per_epoch": budget, "gamma_distil": cfg.loss.gamma, "scale": "points (0-100)",
@@ -276,15 +360,34 @@ def main(argv: list[str] | None = None) -> int:
         "gold_summaries": next((r["gold_summaries"] for r in done.values() if "gold_summaries" in r), None),
         "machine": f"{os.cpu_count()} CPUs" + (" + GPU" if _has_cuda() else ""), "date": time.strftime("%Y-%m-%d"),
         "this_run_wall_s": round(time.time() - started, 1),
+        **({"teacher_model": json.loads((args.keep / "teacher_model.json").read_text()),
+            "teacher_summary_weight": args.teacher_summary_weight} if args.teacher_reports else {}),
         **{arm: {k: v for k, v in r.items() if k != "per_report"} for arm, r in done.items()},
         "paired": {f"{a}_minus_{b}": paired(done[a]["per_report"], done[b]["per_report"],
                                             cfg.eval.bootstrap_samples, cfg.eval.seed)
-                   for a, b in PAIRS if a in done and b in done},
+                   for a, b in pairs if a in done and b in done},
     }
+    if args.teacher_reports and "teacher" in done and "standard_matched" in done:
+        report["gap_closed"] = gap_closed(done, "standard_matched", "teacher", METRICS)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("paired",)}, indent=1))
+    print(json.dumps({k: report[k] for k in ("paired", "gap_closed") if k in report}, indent=1))
     return 0
+
+
+def gap_closed(done: dict[str, dict], floor: str, teacher: str, metrics) -> dict[str, dict[str, float]]:
+    """Per distillation arm and metric, (arm - floor) / (teacher - floor) of the means: 1 = as good as the
+    teacher, 0 = no better than the floor; null where the teacher is not better than the floor."""
+    out = {}
+    for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd"):
+        if arm in done:
+            out[arm] = {}
+            for m in (m for m in metrics if all(m in done[a] for a in (arm, floor, teacher))):
+                gap = done[teacher][m] - done[floor][m]
+                gain = done[arm][m] - done[floor][m]
+                better = gap < 0 if m in LOWER_IS_BETTER else gap > 0
+                out[arm][m] = round(gain / gap, 3) if better else None
+    return out
 
 
 def _has_cuda() -> bool:

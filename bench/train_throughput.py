@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from distil.backend import choose_backend
 from distil.data import crop, load_sources
 from distil.kd_loss import KDTerm
-from distil.loss import task_token_counts
+from distil.loss import kind_weights, task_token_counts
 from distil.packing import collate_packed, pack_best_fit
 from distil.tiny import train_tokenizer
 from distil.tokenization import IGNORE, answer_length, encode_example
@@ -157,7 +157,7 @@ def run_ours(model, examples: list[dict], pack_length: int, kd: KDTerm | None = 
         batch = collate_packed([row])
         opt.zero_grad()
         counts = task_token_counts(batch["target_ids"], batch["task_ids"])
-        loss, _, _ = packed_loss(model, batch, 0.8, counts, chunk_tokens=1024, kd=kd)
+        loss, _, _ = packed_loss(model, batch, kind_weights(0.8), counts, chunk_tokens=1024, kd=kd)
         loss.backward()
         opt.step()
         n_labelled = int(counts.sum())

@@ -100,6 +100,10 @@ class LossConfig:
     kd_beta: float = option("KD divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = generalized "
                            "Jensen-Shannon (0.5 = symmetric JSD).", 0.5)
     kd_temperature: float = option("KD temperature, applied to the top-k + rest buckets of both sides (1 = none).", 1.0)
+    teacher_summary_weight: float = option(
+        "Weight w of the third kind of example, the teacher's summaries of the reports without a gold summary "
+        "(data.prepared_dir/unlabelled.jsonl; Stage 1 writes them with teacher.summarize: true): L += w * L_teacher, "
+        "its own mean over its tokens (sequence-level distillation); 0 = off.", 0.0)
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -108,6 +112,8 @@ class LossConfig:
         require(p, self.kd_alpha >= 0.0, "kd_alpha", f"must be >= 0 (0 = off), got {self.kd_alpha}")
         require(p, 0.0 <= self.kd_beta <= 1.0, "kd_beta", f"must be in [0, 1], got {self.kd_beta}")
         require(p, self.kd_temperature > 0.0, "kd_temperature", f"must be positive, got {self.kd_temperature}")
+        require(p, self.teacher_summary_weight >= 0.0, "teacher_summary_weight",
+                f"must be >= 0 (0 = off), got {self.teacher_summary_weight}")
         raise_if(p)
 
 
@@ -358,15 +364,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def check_training(cfg: ExperimentConfig) -> None:
     """What Stage 2 needs across sections (each section checks its own ranges): the Stage 1 ledger, a file,
-    when the extraction task (loss.gamma < 1) or token-level distillation (loss.kd_alpha > 0) is on."""
+    when the extraction task (loss.gamma < 1), token-level distillation (loss.kd_alpha > 0) or the teacher's
+    summaries (loss.teacher_summary_weight > 0) are on."""
     p: list[str] = []
     key_info = cfg.data.key_info_path
-    needs = ([f"loss.gamma={cfg.loss.gamma} < 1 trains the extraction task on the teacher's key information"]
-             if cfg.loss.gamma < 1 else []) + ([f"loss.kd_alpha={cfg.loss.kd_alpha} > 0 distils the teacher's top-k"]
-                                               if cfg.loss.kd_alpha > 0 else [])
+    loss = cfg.loss
+    needs = ([f"loss.gamma={loss.gamma} < 1 trains the extraction task on the teacher's key information"]
+             if loss.gamma < 1 else []) + ([f"loss.kd_alpha={loss.kd_alpha} > 0 distils the teacher's top-k"]
+                                           if loss.kd_alpha > 0 else []) + (
+        [f"loss.teacher_summary_weight={loss.teacher_summary_weight} > 0 trains on the teacher's summaries"]
+        if loss.teacher_summary_weight > 0 else [])
     if needs and not key_info:
         p.append(f"data.key_info_path is null, but {' and '.join(needs)}: set it to the Stage 1 ledger "
-                 "(launch/annotate.py writes it), or loss.gamma=1.0 loss.kd_alpha=0 for summary-only training")
+                 "(launch/annotate.py writes it), or loss.gamma=1.0 loss.kd_alpha=0 loss.teacher_summary_weight=0 for "
+                 "summary-only training")
     elif key_info and Path(key_info).is_dir():
         p.append(f"data.key_info_path={key_info} is a folder; it names the Stage 1 ledger file, e.g. runs/key_info.jsonl")
     if blocker := blocking_file(cfg.train.output_dir):

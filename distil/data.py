@@ -246,15 +246,34 @@ def format_stats(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def teacher_summaries_path(key_info_path: str | Path) -> Path:
+    """Where Stage 1 writes the teacher's summaries of the reports without a gold one (teacher.summarize):
+    a ledger of its own beside the key-information ledger, with the same keys and guarantees."""
+    return Path(key_info_path).with_suffix(".teacher_summaries.jsonl")
+
+
 def load_key_info(path: str | Path, annotation: dict) -> dict[str, str]:
     """The key information of one teacher by report id, from the Stage 1 ledger: its records with status
     'ok' under `annotation` ({teacher, prompt_version, sampling}: distil.teacher_config.annotation_key),
     so a ledger shared by several teachers or settings trains on the one the config names."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise DataError(f"{path}: key-information ledger not found; run Stage 1 (launch/annotate.py) "
                         "or set data.key_info_path: null with loss.gamma: 1.0 for summary-only training")
-    key_info: dict[str, str] = {}
+    return _teacher_answers(Path(path), annotation, "key_info")
+
+
+def load_teacher_summaries(key_info_path: str | Path, annotation: dict) -> dict[str, str]:
+    """The teacher's summaries by report id (teacher_summaries_path), selected like load_key_info."""
+    path = teacher_summaries_path(key_info_path)
+    if not path.is_file():
+        raise DataError(f"{path}: no teacher summaries; loss.teacher_summary_weight > 0 trains on them: run Stage 1 "
+                        "(launch/annotate.py) with teacher.summarize=true and 'unlabelled' in teacher.splits, or set "
+                        "loss.teacher_summary_weight: 0")
+    return _teacher_answers(path, annotation, "summary")
+
+
+def _teacher_answers(path: Path, annotation: dict, field: str) -> dict[str, str]:
+    answers: dict[str, str] = {}
     seen: set[str] = set()
     others: Counter = Counter()
     for lineno, row in enumerate(read_ledger(path), 1):
@@ -268,15 +287,15 @@ def load_key_info(path: str | Path, annotation: dict) -> dict[str, str]:
                             f"{annotation['teacher']!r} with the same prompt version and sampling; the ledger was "
                             "merged or edited by hand: keep one of them")
         seen.add(row["id"])
-        if row.get("status", "ok") == "ok" and isinstance(row.get("key_info"), str) and row["key_info"].strip():
-            key_info[row["id"]] = row["key_info"]
+        if row.get("status", "ok") == "ok" and isinstance(row.get(field), str) and row[field].strip():
+            answers[row["id"]] = row[field]
     if others and not seen:
         raise DataError(f"{path}: no record of teacher {annotation['teacher']!r} (teacher.model: a folder is known by "
                         "the fingerprint of its files, distil/fingerprint.py, so it must be the folder Stage 1 used) with prompt "
                         f"{annotation['prompt_version']} and sampling {annotation['sampling']}, but "
                         f"{sum(others.values())} of other teachers or settings ({sorted(map(str, others))}); set the "
                         "teacher section to the one that wrote the ledger, or rerun Stage 1 with this config")
-    return key_info
+    return answers
 
 
 def training_examples(records: list[dict], key_info: dict[str, str], gamma: float) -> tuple[list[dict], dict]:
@@ -296,3 +315,11 @@ def training_examples(records: list[dict], key_info: dict[str, str], gamma: floa
     counts = {"reports": len(records), "summarize": len(records),
               "extract": sum(e["task"] == "extract" for e in examples), "missing_key_info": missing}
     return examples, counts
+
+
+def teacher_summary_examples(records: list[dict], summaries: dict[str, str]) -> tuple[list[dict], int]:
+    """The third kind of example: a report without a gold summary, answered by the teacher's summary (same
+    prompt as summarization). Returns the examples and how many reports have no usable teacher summary."""
+    examples = [{"id": r["id"], "lang": r["lang"], "report": r["report"], "task": "teacher_summary",
+                 "answer": summaries[r["id"]]} for r in records if r["id"] in summaries]
+    return examples, len(records) - len(examples)

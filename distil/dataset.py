@@ -1,4 +1,5 @@
-"""Prepared records -> encoded examples of both tasks -> packed rows for the Trainer."""
+"""Prepared records -> encoded examples of every kind (gold summary, key information, teacher summary)
+-> packed rows for the Trainer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from distil.data import DataError, load_key_info, read_prepared, training_examples
+from distil.data import (UNLABELLED, DataError, load_key_info, load_teacher_summaries, read_prepared,
+                         teacher_summary_examples, training_examples)
 from distil.packing import pack_best_fit
 from distil.teacher_topk import TopkStore, store_dir, token_count
 from distil.tokenization import answer_length, encode_example
@@ -30,6 +32,8 @@ class PackingStats:
     row_fill: float  # tokens / (rows * pack_length)
     teacher_topk: int = 0  # examples with the teacher's top-k (token-level distillation)
     missing_teacher_topk: int = 0  # examples trained without them (KD on, Stage 1 wrote none)
+    teacher_summary_examples: int = 0  # reports without a gold summary, answered by the teacher
+    missing_teacher_summary: int = 0  # such reports without a usable teacher summary (not trained on)
 
 
 class PackedRows(Dataset):
@@ -46,8 +50,13 @@ class PackedRows(Dataset):
 
 
 def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], gamma: float,
-                      max_length: int, pack_length: int, topk: TopkStore | None = None) -> tuple[PackedRows, PackingStats]:
+                      max_length: int, pack_length: int, topk: TopkStore | None = None,
+                      unlabelled: list[dict] = (), teacher_summaries: dict[str, str] | None = None,
+                      ) -> tuple[PackedRows, PackingStats]:
+    """`unlabelled` with `teacher_summaries`: the reports without a gold summary, trained on as the third kind."""
     examples, counts = training_examples(records, key_info, gamma)
+    extra, missing_summary = teacher_summary_examples(list(unlabelled), teacher_summaries or {})
+    examples += extra
     encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
     kept = [e for e in encoded if e is not None]
     if topk is not None:
@@ -63,31 +72,48 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
         row_fill=tokens / max(1, len(rows) * pack_length),
         teacher_topk=sum(e.get("teacher_topk") is not None for e in kept),
         missing_teacher_topk=sum(e.get("teacher_topk") is None for e in kept) if topk is not None else 0,
+        teacher_summary_examples=sum(e["task"] == "teacher_summary" for e in kept),
+        missing_teacher_summary=missing_summary,
     )
     return PackedRows(rows), stats
 
 
 def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gamma: float,
                     max_length: int, pack_length: int, kd: bool = False, student: str = "the student",
-                    annotation: dict | None = None) -> tuple[PackedRows, PackingStats]:
+                    annotation: dict | None = None, teacher_summary_weight: float = 0.0,
+                    ) -> tuple[PackedRows, PackingStats]:
     """Packed rows of train.jsonl; the extraction answers are the ledger records of `annotation`
-    (distil.teacher_config.annotation_key of the config's teacher). With `kd`, each example carries the
-    teacher's top-k that Stage 1 stored beside key_info_path (a student with another tokenizer is refused
-    here, before any step), less the ids no token of the tokenizer has (a teacher's padded vocabulary)."""
+    (distil.teacher_config.annotation_key of the config's teacher). With teacher_summary_weight > 0 the
+    reports of unlabelled.jsonl come too, answered by the teacher's summaries (the third kind). With `kd`,
+    each example carries the teacher's top-k that Stage 1 stored beside key_info_path (a student with
+    another tokenizer is refused here, before any step), less the ids no token of the tokenizer has (a
+    teacher's padded vocabulary)."""
     records = read_prepared(Path(prepared_dir) / "train.jsonl")
-    if (gamma < 1.0 or kd) and key_info_path is None:
-        raise ValueError("loss.gamma < 1 trains the extraction task and loss.kd_alpha > 0 distils the teacher's "
-                         "top-k; both need data.key_info_path (the Stage 1 ledger; the top-k store lies beside it); "
-                         "set it, or set loss.gamma: 1.0 and loss.kd_alpha: 0 for the summary-only baseline")
-    if gamma < 1.0 and annotation is None:
-        raise ValueError("load_train_rows: the extraction task needs the teacher's annotation key "
+    seqkd = teacher_summary_weight > 0
+    if (gamma < 1.0 or kd or seqkd) and key_info_path is None:
+        raise ValueError("loss.gamma < 1 trains the extraction task, loss.kd_alpha > 0 distils the teacher's "
+                         "top-k and loss.teacher_summary_weight > 0 its summaries; they need data.key_info_path (the "
+                         "Stage 1 ledger; the top-k store and the summaries lie beside it); set it, or set loss.gamma: "
+                         "1.0, loss.kd_alpha: 0 and loss.teacher_summary_weight: 0 for the summary-only baseline")
+    if (gamma < 1.0 or seqkd) and annotation is None:
+        raise ValueError("load_train_rows: the teacher's answers need its annotation key "
                          "(distil.teacher_config.annotation_key(cfg.teacher))")
     key_info = load_key_info(key_info_path, annotation) if gamma < 1.0 else {}
+    unlabelled, summaries = [], None
+    if seqkd:
+        unlabelled_path = Path(prepared_dir) / f"{UNLABELLED}.jsonl"
+        if not unlabelled_path.is_file():
+            raise DataError(f"{unlabelled_path}: not found; loss.teacher_summary_weight > 0 trains on the teacher's "
+                            "summaries of the reports without a gold one: prepare them (launch/prepare_data.py with "
+                            "sources without summaries), or set loss.teacher_summary_weight: 0")
+        unlabelled = read_prepared(unlabelled_path)
+        summaries = load_teacher_summaries(key_info_path, annotation)
     topk = None
     if kd:
         topk = TopkStore(store_dir(key_info_path), vocab_size=token_count(tokenizer))
         topk.check_tokenizer(tokenizer, student)
-    rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length, topk)
+    rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length, topk,
+                                    unlabelled, summaries)
     log.info("training data: %s", stats)
     if stats.missing_key_info:
         log.warning("%d of %d reports have no key information in %s: trained on the summary task only",
@@ -95,6 +121,10 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
     if stats.truncated:
         log.warning("%d examples longer than train.max_length=%d had their report truncated (answers kept whole)",
                     stats.truncated, max_length)
+    if stats.missing_teacher_summary:
+        log.warning("%d of %d reports without a gold summary have no teacher summary in %s: not trained on (rerun "
+                    "Stage 1 with teacher.summarize=true)", stats.missing_teacher_summary, len(unlabelled),
+                    key_info_path)
     if stats.missing_teacher_topk:
         log.warning("%d of %d examples have no teacher top-k in %s: trained without the KD term (rerun Stage 1 "
                     "to score them)", stats.missing_teacher_topk, stats.examples, store_dir(key_info_path))

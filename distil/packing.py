@@ -53,7 +53,7 @@ def collate_packed(rows: list[list[dict]]) -> dict:
     """Flatten rows of encoded examples into one sequence with per-example positions.
 
     Returns input_ids, position_ids, target_ids (already shifted, IGNORE off the answer) and
-    task_ids (0 summarize, 1 extract) of shape [1, T]; the boundaries for varlen attention
+    task_ids (the kind of example: 0 gold summary, 1 extraction, 2 teacher summary) of shape [1, T]; the boundaries for varlen attention
     (attention_inputs); and the example ids for tracing. Examples
     carrying the teacher's top-k (distil/teacher_topk.py) add teacher_ids, teacher_log_probs
     [1, L, k] and teacher_mask [1, L] over the L labelled positions, in their order.

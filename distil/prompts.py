@@ -3,15 +3,18 @@
 Both tasks share the user turn (the report); only the system instruction differs:
   summarization: (S: P_sum, U: report, A: gold summary)
   extraction:    (S: P_ext, U: report, A: teacher key information)
-Stage 1 sends the extraction prompt to the teacher; Stage 2 trains on both; evaluation uses
-P_sum. Bump PROMPT_VERSION whenever a text changes: the Stage 1 ledger keys records by it.
+A third kind of training example reuses the summarization prompt with the teacher's answer:
+  teacher_summary: (S: P_sum, U: report without a gold summary, A: teacher summary)
+Stage 1 sends the extraction prompt (and, with teacher.summarize, P_sum for the reports without a
+gold summary) to the teacher; Stage 2 trains on all three kinds, each with its own weight and loss;
+evaluation uses P_sum. Bump PROMPT_VERSION whenever a text changes: the Stage 1 ledger keys records by it.
 """
 
 from __future__ import annotations
 
 PROMPT_VERSION = "v1"
 
-TASKS = ("summarize", "extract")
+TASKS = ("summarize", "extract", "teacher_summary")  # the kinds of training example
 TASK_IDS = {task: i for i, task in enumerate(TASKS)}  # the task id of every token in a packed row
 
 SYSTEM_PROMPTS: dict[str, dict[str, str]] = {
@@ -28,6 +31,7 @@ SYSTEM_PROMPTS: dict[str, dict[str, str]] = {
         "pt": "Extraia as informações-chave do texto clínico",
     },
 }
+SYSTEM_PROMPTS["teacher_summary"] = SYSTEM_PROMPTS["summarize"]  # the same question; the teacher answers it
 
 
 def build_messages(task: str, lang: str, report: str, answer: str | None = None) -> list[dict[str, str]]:

@@ -52,7 +52,11 @@ class TeacherConfig:
         "the vocabulary (1.9 GB at 2048 and Qwen2.5's 152,064), to fit in what gpu_memory_utilization leaves free.",
         None)
     enforce_eager: bool = option("Skip torch.compile and CUDA graphs: faster engine start, slower decoding.", False)
-    max_new_tokens: int = option("Longest key-information answer.", 1024)
+    max_new_tokens: int = option("Longest answer (key information; teacher summaries).", 1024)
+    summarize: bool = option(
+        "Also write the teacher's summary (S: P_sum, U: report) of every report of teacher.splits without a gold "
+        "summary (the 'unlabelled' split) into data.key_info_path with .teacher_summaries.jsonl for .jsonl: Stage 2's "
+        "third kind of example (loss.teacher_summary_weight).", False)
     temperature: float = option("Sampling temperature; 0 = greedy.", 0.0)
     top_p: float = option("Nucleus sampling mass.", 1.0)
     repetition_penalty: float = option(
@@ -114,6 +118,9 @@ class TeacherConfig:
         bad = [s for s in self.splits if s not in ("train", "valid", "test", "unlabelled")]
         require(p, bool(self.splits) and not bad, "splits",
                  f"must be a non-empty subset of ['train', 'valid', 'test', 'unlabelled'], got {self.splits}")
+        require(p, not self.summarize or "unlabelled" in self.splits, "summarize",
+                f"summarizes the reports without a gold summary, the 'unlabelled' split, which teacher.splits "
+                f"{self.splits} leaves out; add it (teacher.splits=[train,unlabelled])")
         for key in ("max_replica_restarts", "api_retries"):
             require(p, getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         require(p, self.request_timeout_s > 0, "request_timeout_s", f"must be positive, got {self.request_timeout_s}")

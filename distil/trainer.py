@@ -1,8 +1,9 @@
 """Stage 2: distil-tuning a student with the Hugging Face Trainer on DeepSpeed ZeRO.
 
-`DistilTrainer` adds one thing to `transformers.Trainer`: the two-task loss
-L = gamma * L_sum + (1 - gamma) * L_ext over assistant tokens, in one forward pass over packed
-rows, normalized by the token counts of the whole optimizer step, with the teacher's top-k
+`DistilTrainer` adds one thing to `transformers.Trainer`: the distil-tuning loss
+L = gamma * L_sum + (1 - gamma) * L_ext (+ w * L_teacher on teacher summaries) over assistant tokens,
+in one forward pass over packed rows, normalized per kind by the token counts of the whole optimizer
+step (distil/loss.py), with the teacher's top-k
 distributions as an optional per-token term (loss.kd_alpha, distil/kd_loss.py; plus a `_save` that
 keeps tied weights tied). `train()` is the recipe: config -> backend -> model, data -> Trainer.train
 (resuming when it can; a finished run is refused) -> export. The caller adds its own callbacks
@@ -31,7 +32,7 @@ from distil.config import ExperimentConfig, dump_config
 from distil.dataset import load_train_rows
 from distil.fingerprint import model_identity
 from distil.kd_loss import KDTerm, token_kd
-from distil.loss import chunked, chunked_cross_entropy, step_loss, task_token_counts
+from distil.loss import KINDS, chunked, chunked_cross_entropy, kind_weights, step_loss, task_token_counts
 from distil.model_check import check_model_dir
 from distil.packing import attention_inputs, collate_packed
 from distil.preemption import SaveAndStopCallback
@@ -43,9 +44,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def packed_loss(model, batch: dict, gamma: float, step_counts: torch.Tensor, chunk_tokens: int,
+def packed_loss(model, batch: dict, weights: list[float], step_counts: torch.Tensor, chunk_tokens: int,
                 kd: KDTerm | None = None, world_size: int = 1):
-    """One forward over a packed micro-batch -> (its share of the step loss, parts [4], outputs).
+    """One forward over a packed micro-batch -> (its share of the step loss, parts [6], outputs);
+    `weights` per kind of example (distil.loss.kind_weights).
 
     Only positions that carry a label go through lm_head (`logits_to_keep`), so the logits are
     [labelled tokens, vocab], never [all tokens, vocab]; lm_head runs inside the model's own forward,
@@ -64,7 +66,7 @@ def packed_loss(model, batch: dict, gamma: float, step_counts: torch.Tensor, chu
         divergence = chunked(lambda z, i, lp: token_kd(z, i, lp, kd.beta, kd.temperature), chunk_tokens,
                              logits, batch["teacher_ids"][0], batch["teacher_log_probs"][0])
         kd_per_token = divergence * batch["teacher_mask"][0].to(divergence.dtype)
-    loss, parts = step_loss(token_ce, kd_per_token, tasks[labelled], gamma, kd.alpha if kd else 0.0, step_counts,
+    loss, parts = step_loss(token_ce, kd_per_token, tasks[labelled], weights, kd.alpha if kd else 0.0, step_counts,
                             world_size)
     return loss + 0.0 * logits.sum(), parts, outputs  # 0*sum keeps the graph when nothing is labelled
 
@@ -76,9 +78,9 @@ class DistilTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, gamma: float, lm_head_chunk_tokens: int, kd: KDTerm | None = None,
-                 trace_dir: Path | None = None, **kwargs):
+                 trace_dir: Path | None = None, teacher_summary_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.gamma = gamma
+        self.weights = kind_weights(gamma, teacher_summary_weight)
         self.lm_head_chunk_tokens = lm_head_chunk_tokens
         self.kd = kd
         self.trace_dir = trace_dir
@@ -86,8 +88,8 @@ class DistilTrainer(Trainer):
 
     @staticmethod
     def _fresh_log() -> dict:
-        # sums: CE per task, KD per task; counts: labelled tokens per task, tokens with the teacher's top-k
-        return {"sums": torch.zeros(4, dtype=torch.float64), "count": torch.zeros(3, dtype=torch.float64),
+        # sums: CE per kind, KD per kind; counts: labelled tokens per kind, tokens with the teacher's top-k
+        return {"sums": torch.zeros(2 * KINDS, dtype=torch.float64), "count": torch.zeros(KINDS + 1, dtype=torch.float64),
                 "tokens": 0, "time": time.perf_counter()}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -98,7 +100,7 @@ class DistilTrainer(Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        counts = torch.zeros(2, dtype=torch.long)
+        counts = torch.zeros(KINDS, dtype=torch.long)
         for batch in batches:
             counts += task_token_counts(batch["target_ids"], batch["task_ids"]).cpu()
         counts = counts.to(device)
@@ -110,7 +112,7 @@ class DistilTrainer(Trainer):
         step_counts = num_items_in_batch
         if step_counts is None:  # outside the training loop (e.g. evaluate): this micro-batch alone
             step_counts = task_token_counts(inputs["target_ids"], inputs["task_ids"])
-        loss, sums, outputs = packed_loss(model, inputs, self.gamma, step_counts, self.lm_head_chunk_tokens, self.kd,
+        loss, sums, outputs = packed_loss(model, inputs, self.weights, step_counts, self.lm_head_chunk_tokens, self.kd,
                                           world_size=self.accelerator.num_processes)
         if model.training:
             self._record(inputs, sums)
@@ -129,19 +131,19 @@ class DistilTrainer(Trainer):
                                     "examples": inputs["example_ids"]}) + "\n")
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Add L_sum, L_ext, the KD divergence per token (loss_kd) and tokens/s (all ranks) to each log line."""
+        """Add L_sum, L_ext, L_teacher (loss_teacher_sum), the KD divergence per token (loss_kd) and tokens/s
+        (all ranks) to each log line."""
         if "loss" in logs:
             acc = self._since_log
             totals = torch.cat([acc["sums"], acc["count"], torch.tensor([float(acc["tokens"])], dtype=torch.float64)])
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
-            sums, count, tokens = totals[:4], totals[4:7], totals[7].item()
-            if count[0] > 0:
-                logs["loss_sum"] = round((sums[0] / count[0]).item(), 6)
-            if count[1] > 0:
-                logs["loss_ext"] = round((sums[1] / count[1]).item(), 6)
-            if count[2] > 0:
-                logs["loss_kd"] = round(((sums[2] + sums[3]) / count[2]).item(), 6)
+            sums, count, tokens = totals[:2 * KINDS], totals[2 * KINDS:3 * KINDS + 1], totals[-1].item()
+            for kind, name in enumerate(("loss_sum", "loss_ext", "loss_teacher_sum")):
+                if count[kind] > 0:
+                    logs[name] = round((sums[kind] / count[kind]).item(), 6)
+            if count[KINDS] > 0:
+                logs["loss_kd"] = round((sums[KINDS:].sum() / count[KINDS]).item(), 6)
             elapsed = time.perf_counter() - acc["time"]
             logs["tokens_per_s"] = round(tokens / max(elapsed, 1e-9), 1)
             self._since_log = self._fresh_log()
@@ -234,7 +236,8 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     kd = KDTerm(cfg.loss.kd_alpha, cfg.loss.kd_beta, cfg.loss.kd_temperature) if cfg.loss.kd_alpha > 0 else None
     rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
                               cfg.train.max_length, cfg.train.pack_length, kd=kd is not None,
-                              student=cfg.model.name_or_path, annotation=annotation_key(cfg.teacher))
+                              student=cfg.model.name_or_path, annotation=annotation_key(cfg.teacher),
+                              teacher_summary_weight=cfg.loss.teacher_summary_weight)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, dtype=DTYPES[cfg.train.precision], attn_implementation=backend.attn_implementation)
     config_text = dump_config(cfg)
@@ -245,7 +248,7 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     trainer = DistilTrainer(
         model=model, args=args, train_dataset=rows, data_collator=collate_packed, processing_class=tokenizer,
         callbacks=own + list(callbacks), gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
-        kd=kd, trace_dir=trace_dir,
+        kd=kd, trace_dir=trace_dir, teacher_summary_weight=cfg.loss.teacher_summary_weight,
     )
     resume = latest_complete_checkpoint(cfg.train.output_dir) if cfg.train.resume == "auto" else None
     student = {"model": cfg.model.name_or_path, "identity": model_identity(cfg.model.name_or_path)}

@@ -13,8 +13,10 @@ instance is started):
     python launch/annotate.py --config launch/configs/tiny_cpu.yaml teacher.max_new_tokens=64
 
 Reads data.prepared_dir/<split>.jsonl for teacher.splits, appends to data.key_info_path and
-writes its summary next to it (*.summary.json); with teacher.topk_logprobs > 0 (the default) also the
-teacher's top-k distributions of the train reports into <ledger>.topk/ (token-level distillation).
+writes its summary next to it (*.summary.json); with teacher.summarize: true also the teacher's summaries
+of the reports without a gold one (the 'unlabelled' split) into <ledger>.teacher_summaries.jsonl; with
+teacher.topk_logprobs > 0 (the default) the teacher's top-k distributions over what Stage 2 trains on (the
+train reports, the teacher summaries) into <ledger>.topk/ (token-level distillation).
 Rerunning resumes: done reports are skipped. The engines' own logs (vLLM, Ray) go to
 <data.key_info_path>.log; --verbose prints them too.
 Exit status 0 = every report has a record, 1 = some failed (rerun to retry them), 2 = bad input
@@ -30,7 +32,7 @@ from pathlib import Path
 from distil.atomic import blocking_file
 from distil.backend import scoped_environ
 from distil.config import ConfigError, load_config
-from distil.data import SPLITS, UNLABELLED, DataError
+from distil.data import SPLITS, UNLABELLED, DataError, teacher_summaries_path
 from distil.logs import engine_log_env, setup
 from distil.model_check import ModelInputError, check_model_dir
 
@@ -72,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"key information: {cfg.data.key_info_path} {summary['status']}")
-    return 1 if summary["this_run"]["failed"] or summary.get("topk", {}).get("failed") else 0
+    if "teacher_summaries" in summary:
+        print(f"teacher summaries: {teacher_summaries_path(cfg.data.key_info_path)} "
+              f"{summary['teacher_summaries']['status']}")
+    failed = summary["this_run"]["failed"] or summary.get("teacher_summaries", {}).get("this_run", {}).get("failed")
+    return 1 if failed or summary.get("topk", {}).get("failed") else 0
 
 
 if __name__ == "__main__":

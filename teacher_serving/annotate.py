@@ -13,6 +13,9 @@ sampling) and finishes the rest. Bad rows never stop the job:
     failed max_attempts times is left out of the ledger (a rerun retries it) and counted.
 Requests go one report at a time, as many in flight as the replicas have slots (continuous
 batching in each engine); a failure costs that request only.
+With teacher.summarize the teacher also summarizes every report without a gold summary (S: P_sum,
+U: report) into a ledger of its own beside this one (distil.data.teacher_summaries_path), with the
+same keys, retries and guarantees: Stage 2's third kind of example (loss.teacher_summary_weight).
 Logs carry ids and counts only, never report text.
 """
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from distil.atomic import write_json
 from distil.config import ExperimentConfig, TeacherConfig
-from distil.data import DataError, read_prepared
+from distil.data import DataError, read_prepared, teacher_summaries_path
 from distil.ledger import Ledger
 from distil.logs import verbose
 from distil.prompts import build_messages
@@ -45,19 +48,20 @@ class Item:
     """One report on its way through the teacher."""
     record: dict
     messages: list[dict]
+    task: str = "extract"  # or "summarize" (teacher.summarize: reports without a gold summary)
     report_tokens_dropped: int = 0
     attempts: int = 0
     engine_failures: int = 0
     outputs: list[dict] = field(default_factory=list)
 
 
-def fit_prompts(records: list[dict], tokenizer, budget: int) -> tuple[list[Item], list[dict]]:
-    """Extraction prompts that fit `budget` tokens; the report is cut to its first tokens when needed.
+def fit_prompts(records: list[dict], tokenizer, budget: int, task: str = "extract") -> tuple[list[Item], list[dict]]:
+    """Prompts of `task` that fit `budget` tokens; the report is cut to its first tokens when needed.
 
     Returns the items and the records whose prompt cannot fit even with an empty report.
     """
     def render(lang: str, report: str) -> tuple[list[dict], str]:
-        messages = build_messages("extract", lang, report)
+        messages = build_messages(task, lang, report)
         return messages, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     rendered = [render(r["lang"], r["report"]) for r in records]
@@ -65,7 +69,7 @@ def fit_prompts(records: list[dict], tokenizer, budget: int) -> tuple[list[Item]
     items, impossible = [], []
     for record, (messages, _), n in zip(records, rendered, lengths):
         if n <= budget:
-            items.append(Item(record, messages))
+            items.append(Item(record, messages, task=task))
             continue
         ids = tokenizer(record["report"], add_special_tokens=False)["input_ids"]
         keep = len(ids) - (n - budget)
@@ -73,7 +77,7 @@ def fit_prompts(records: list[dict], tokenizer, budget: int) -> tuple[list[Item]
             messages, text = render(record["lang"], tokenizer.decode(ids[:keep]))
             n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             if n <= budget:
-                items.append(Item(record, messages, report_tokens_dropped=len(ids) - keep))
+                items.append(Item(record, messages, task=task, report_tokens_dropped=len(ids) - keep))
                 break
             keep -= n - budget
         else:
@@ -92,8 +96,9 @@ def ledger_record(item: Item, t: TeacherConfig, status: str, output: dict | None
     score = grounding_score(output["text"], report, lang=item.record["lang"]) if status == "ok" else None
     if status == "ok" and t.grounding_threshold is not None and score is not None and score < t.grounding_threshold:
         status = "ungrounded"
+    answer = "key_info" if item.task == "extract" else "summary"
     return {"id": item.record["id"], "lang": item.record["lang"], "split": item.record.get("split"),
-            "key_info": output.get("text"), "status": status, **annotation_key(t), "teacher_model": t.model,
+            answer: output.get("text"), "status": status, **annotation_key(t), "teacher_model": t.model,
             "finish_reason": output.get("finish_reason"),
             "prompt_tokens": output.get("prompt_tokens"), "completion_tokens": output.get("completion_tokens"),
             "attempts": item.attempts, "report_tokens_dropped": item.report_tokens_dropped, "grounding": score}
@@ -104,13 +109,18 @@ def annotation_ledger(path: str | Path) -> Ledger:
     return Ledger(path, key=key_of)
 
 
-def load_pending(cfg: ExperimentConfig, ledger: Ledger, limit: int | None) -> tuple[list[dict], int]:
+def load_pending(cfg: ExperimentConfig, ledger: Ledger, limit: int | None,
+                 without_summary: bool = False) -> tuple[list[dict], int]:
+    """The reports of teacher.splits (the first `limit`; with `without_summary` those without a gold summary)
+    that `ledger` lacks, and how many there are in all."""
     t = cfg.teacher
     records = []
     for split in t.splits:
         records += read_prepared(Path(cfg.data.prepared_dir) / f"{split}.jsonl")
     if limit is not None:
         records = records[:limit]
+    if without_summary:
+        records = [r for r in records if r["summary"] is None]
     wanted = annotation_key(t)
     pending = [r for r in records if record_key(r["id"], wanted) not in ledger.done]
     return pending, len(records)
@@ -140,15 +150,17 @@ def open_pool(cfg: ExperimentConfig) -> TeacherPool:
 
 def run(pool: TeacherPool, items: list[Item], t: TeacherConfig, ledger: Ledger, progress=None) -> Counter:
     """Annotate `items`; each answer is written the moment it returns (retrying an empty, cut or
-    invalid one up to teacher.max_attempts). Counts of this run."""
-    schema = key_info_schema(t.json_max_field_chars) if t.key_info_format == "json" else None
+    invalid one up to teacher.max_attempts). Counts of this run. Summaries are free text whatever
+    teacher.key_info_format says."""
+    json_format = t.key_info_format == "json" and all(item.task == "extract" for item in items)
+    schema = key_info_schema(t.json_max_field_chars) if json_format else None
     counts: Counter = Counter()
 
     def accept(answered: list[tuple[Item, dict]]) -> list[Item]:
         retry, final = [], []
         for item, output in answered:
             item.attempts += 1
-            status = classify(output["text"], output["finish_reason"], t.key_info_format)
+            status = classify(output["text"], output["finish_reason"], "json" if json_format else "text")
             if status in RETRYABLE and item.attempts < t.max_attempts:
                 retry.append(item)
             else:
@@ -173,15 +185,16 @@ def summarize(ledger: Ledger, t: TeacherConfig) -> dict:
 
 
 def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict], tokenizer, pool: StartOnFirstUse,
-                     show_progress: bool) -> dict:
-    """The key information of `pending` into the ledger; this pass's counts."""
+                     show_progress: bool, task: str = "extract") -> dict:
+    """The teacher's answers to `task` (key information, or summaries) for `pending` into `ledger`; this
+    pass's counts."""
     from tqdm import tqdm
 
     t = cfg.teacher
     counts: Counter = Counter()
     tokens, seconds, items = 0, 0.0, []
     if pending:
-        items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens)
+        items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens, task)
         too_long = [i for i in items if i.report_tokens_dropped]
         if t.too_long == "skip":
             impossible += [i.record for i in too_long]
@@ -189,7 +202,7 @@ def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict],
         elif too_long:
             log.info("%d report(s) cut to fit max_model_len - max_new_tokens = %d tokens (teacher.too_long)",
                      len(too_long), t.max_model_len - t.max_new_tokens)
-        skipped = [ledger_record(Item(r, []), t, "skipped_too_long", None) for r in impossible]
+        skipped = [ledger_record(Item(r, [], task=task), t, "skipped_too_long", None) for r in impossible]
         ledger.append(skipped)
         counts.update(r["status"] for r in skipped)
     if items:
@@ -215,8 +228,9 @@ def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict],
 
 
 def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: bool = True) -> dict:
-    """Annotate every pending report of teacher.splits into data.key_info_path, then (teacher.topk_logprobs)
-    store the teacher's top-k for the train reports; returns the summary."""
+    """Annotate every pending report of teacher.splits into data.key_info_path, (teacher.summarize) summarize
+    the ones without a gold summary, then (teacher.topk_logprobs) store the teacher's top-k for the answers
+    Stage 2 trains on; returns the summary."""
     from transformers import AutoTokenizer
 
     t = cfg.teacher
@@ -231,13 +245,24 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
                             "annotate; run launch/prepare_data.py, or set teacher.splits to splits that have reports")
         log.info("%d reports in %s, %d already in %s, %d to annotate", total, t.splits, total - len(pending),
                  ledger.path, len(pending))
-        tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model) if pending or t.topk_logprobs else None
+        summaries = annotation_ledger(teacher_summaries_path(cfg.data.key_info_path)) if t.summarize else None
         try:
+            to_summarize = load_pending(cfg, summaries, limit, without_summary=True)[0] if summaries else []
+            needed = pending or to_summarize or t.topk_logprobs
+            tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model) if needed else None
             this_run = annotate_pending(cfg, ledger, pending, tokenizer, pool, show_progress)
             summary = {**summarize(ledger, t), "this_run": this_run}
-            if t.topk_logprobs:  # the second pass: distributions for token-level distillation
-                summary["topk"] = score(cfg, pool, ledger.records, tokenizer)
+            if summaries is not None:  # the teacher's summaries of the reports without a gold one
+                log.info("%d report(s) without a gold summary to summarize, %d in %s", len(to_summarize),
+                         len(summaries.records), summaries.path)
+                this_run = annotate_pending(cfg, summaries, to_summarize, tokenizer, pool, show_progress, "summarize")
+                summary["teacher_summaries"] = {**summarize(summaries, t), "this_run": this_run}
+            if t.topk_logprobs:  # the last pass: distributions for token-level distillation
+                summary["topk"] = score(cfg, pool, ledger.records, tokenizer,
+                                        summaries.records if summaries is not None else [])
         finally:
+            if summaries is not None:
+                summaries.close()
             pool.close()
     summary_path = Path(cfg.data.key_info_path).with_suffix(".summary.json")
     write_json(summary_path, summary)

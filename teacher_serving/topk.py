@@ -8,7 +8,8 @@ the store beside the ledger (distil/teacher_topk.py): arrays first, fsync'd, the
 through a distil.ledger.Ledger, so a rerun skips what is stored and never writes a report twice. Prefill, not the
 log-probs of the generation: the stored rows then match Stage 2's token sequence exactly, even where
 the generated text does not re-tokenize to the generated ids, and the gold summary needs one anyway.
-Only the train split: Stage 2 trains on nothing else.
+Only what Stage 2 trains on: the train split, and (teacher.summarize) the teacher's summaries of the
+unlabelled split, scored under the task `teacher_summary` (the summarization prompt, the teacher's answer).
 """
 
 from __future__ import annotations
@@ -48,22 +49,38 @@ def score_key(cfg: ExperimentConfig) -> dict:
     return {**annotation, "sampling": sampling}
 
 
+def usable(records: list[dict], wanted: dict, field: str) -> dict[str, str]:
+    """The answers (`field`) of this teacher's records with status ok, by report id."""
+    return {r["id"]: r[field] for r in records
+            if is_annotation_of(r, wanted) and r["status"] == "ok" and (r.get(field) or "").strip()}
+
+
 def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str],
-               tokenizer) -> tuple[list[ScoreJob], Counter]:
-    """A job per train report of teacher.splits with this teacher's annotation and no stored distributions."""
+               tokenizer, teacher_summaries: list[dict] = ()) -> tuple[list[ScoreJob], Counter]:
+    """A job per train report of teacher.splits with this teacher's annotation, and per unlabelled report with
+    its summary (teacher_summaries: the records of Stage 1's summaries ledger), without stored distributions."""
     t = cfg.teacher
     wanted = annotation_key(t)
-    mine = {r["id"]: r for r in annotations if is_annotation_of(r, wanted)}
-    records = read_prepared(Path(cfg.data.prepared_dir) / "train.jsonl") if "train" in t.splits else []
+    mine = {r["id"] for r in annotations if is_annotation_of(r, wanted)}
+    key_info = usable(annotations, wanted, "key_info")
+    prepared = Path(cfg.data.prepared_dir)
+    todo = []
+    if "train" in t.splits:
+        for record in read_prepared(prepared / "train.jsonl"):
+            if record["id"] in mine:
+                answers = {"summarize": record["summary"]}
+                if record["id"] in key_info:
+                    answers["extract"] = key_info[record["id"]]
+                todo.append((record, answers))
+    summaries = usable(list(teacher_summaries), wanted, "summary")
+    if summaries:
+        todo += [(r, {"teacher_summary": summaries[r["id"]]}) for r in read_prepared(prepared / "unlabelled.jsonl")
+                 if r["id"] in summaries]
     key = score_key(cfg)
     jobs, counts = [], Counter()
-    for record in records:
-        if record["id"] not in mine or record_key(record["id"], key) in done:
+    for record, answers in todo:
+        if record_key(record["id"], key) in done:
             continue
-        answers = {"summarize": record["summary"]}
-        annotation = mine[record["id"]]
-        if annotation["status"] == "ok" and (annotation.get("key_info") or "").strip():
-            answers["extract"] = annotation["key_info"]
         job = ScoreJob(record, {})
         for task, answer in answers.items():
             example = encode_example(tokenizer, {"id": record["id"], "lang": record["lang"], "report": record["report"],
@@ -118,14 +135,15 @@ class TopkWriter:
         self.index.close()
 
 
-def score(cfg: ExperimentConfig, pool: StartOnFirstUse, annotations: list[dict], tokenizer) -> dict:
-    """Store the teacher's top-k for every train report still without them; the counts and the storage
-    of this pass."""
+def score(cfg: ExperimentConfig, pool: StartOnFirstUse, annotations: list[dict], tokenizer,
+          teacher_summaries: list[dict] = ()) -> dict:
+    """Store the teacher's top-k for every train report (and teacher summary) still without them; the counts
+    and the storage of this pass."""
     t = cfg.teacher
     folder = store_dir(cfg.data.key_info_path)
     writer = TopkWriter(folder, tokenizer_fingerprint(tokenizer), score_key(cfg), t.model)
     try:
-        jobs, counts = score_jobs(cfg, annotations, writer.index.done, tokenizer)
+        jobs, counts = score_jobs(cfg, annotations, writer.index.done, tokenizer, teacher_summaries)
         log.info("teacher top-k (k=%d): %d report(s) to score, %d already in %s", t.topk_logprobs, len(jobs),
                  len(writer.index.records), folder)
         if counts["too_long"]:

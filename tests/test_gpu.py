@@ -205,11 +205,11 @@ def _loss_inputs(tokens: int, vocab: int, hidden: int, label_every: int = 4, see
 def lean_loss(h, w, targets, tasks, gamma: float, chunk: int):
     """The project's path (distil.trainer.packed_loss): lm_head at labelled positions only, then
     fp32 cross-entropy one checkpointed chunk at a time, then the step-normalized distil loss."""
-    from distil.loss import chunked_cross_entropy, distil_loss, task_token_counts
+    from distil.loss import chunked_cross_entropy, distil_loss, kind_weights, task_token_counts
 
     labelled = (targets != IGNORE).nonzero().squeeze(1)
     ce = chunked_cross_entropy(torch.nn.functional.linear(h[labelled], w), targets[labelled], chunk)
-    loss, _ = distil_loss(ce, tasks[labelled], gamma, task_token_counts(targets, tasks))
+    loss, _ = distil_loss(ce, tasks[labelled], kind_weights(gamma), task_token_counts(targets, tasks))
     return loss, ce
 
 
@@ -291,7 +291,7 @@ def bf16_matmul_peak(sizes: tuple[int, ...] = (8192, 16384), repeats: int = 10, 
 def measure_throughput(attn: str, lengths: list[int], steps: int, peak: float, **shape) -> dict:
     """Time the project's training step on one packed row: packed_loss (lm_head at labelled
     positions, chunked fp32 CE), backward, fused AdamW; bf16 weights, no gradient checkpointing."""
-    from distil.loss import task_token_counts
+    from distil.loss import kind_weights, task_token_counts
     from distil.packing import collate_packed
     from distil.trainer import packed_loss
 
@@ -305,7 +305,7 @@ def measure_throughput(attn: str, lengths: list[int], steps: int, peak: float, *
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=DEVICE == "cuda")
 
     def step():
-        loss, _, _ = packed_loss(model, batch, 0.8, counts, chunk_tokens=2048)
+        loss, _, _ = packed_loss(model, batch, kind_weights(0.8), counts, chunk_tokens=2048)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

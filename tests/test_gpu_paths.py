@@ -173,7 +173,7 @@ def test_packed_loss_hands_every_attention_layer_the_collators_boundaries():
     from transformers.masking_utils import AttentionMaskInterface
 
     from distil import varlen_attention
-    from distil.loss import task_token_counts
+    from distil.loss import kind_weights, task_token_counts
     from distil.trainer import packed_loss
 
     seen = []
@@ -187,8 +187,8 @@ def test_packed_loss_hands_every_attention_layer_the_collators_boundaries():
     batch = collate_packed([synthetic_examples([9, 4, 13])])
     counts = task_token_counts(batch["target_ids"], batch["task_ids"])
     model = tiny_gqa_model("spy_varlen")
-    loss, _, _ = packed_loss(model, batch, 0.8, counts, 8)
-    masked, _, _ = packed_loss(tiny_gqa_model("sdpa"), batch, 0.8, counts, 8)
+    loss, _, _ = packed_loss(model, batch, kind_weights(0.8), counts, 8)
+    masked, _, _ = packed_loss(tiny_gqa_model("sdpa"), batch, kind_weights(0.8), counts, 8)
     assert abs(loss.item() - masked.item()) < 1e-6, (loss.item(), masked.item())
     assert len(seen) == model.config.num_hidden_layers
     for layer in seen:
@@ -476,7 +476,7 @@ def test_a_student_with_the_smaller_vocabulary_trains_on_them(stage1, tiny_model
 
     from distil.dataset import load_train_rows
     from distil.kd_loss import KDTerm
-    from distil.loss import task_token_counts
+    from distil.loss import kind_weights, task_token_counts
     from distil.packing import collate_packed
     from distil.teacher_topk import TopkStore, store_dir
     from distil.trainer import packed_loss
@@ -511,11 +511,11 @@ def test_a_student_with_the_smaller_vocabulary_trains_on_them(stage1, tiny_model
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     before = [q.detach().clone() for q in student.parameters()]
     counts = task_token_counts(batch["target_ids"], batch["task_ids"])
-    loss, parts, _ = packed_loss(student, batch, 1.0, counts, 64, KDTerm(alpha=1.0, beta=0.5))
+    loss, parts, _ = packed_loss(student, batch, kind_weights(1.0), counts, 64, KDTerm(alpha=1.0, beta=0.5))
     loss.backward()
     assert all(torch.isfinite(q.grad).all() for q in student.parameters() if q.grad is not None)
     optimizer.step()
-    kd_sum = parts[2].item() + parts[3].item()
+    kd_sum = parts[3:].sum().item()  # KD summed per kind: parts[3:6]
     assert kd_sum == pytest.approx(reference, rel=1e-4) and kd_sum > 0
     assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     # what reached the loss: the stored ids below the vocabulary in place, the others MISSING_ID (-1)
