@@ -168,7 +168,8 @@ def token_budget(cfg, data: Path, key_info: Path, gamma: float, overrides: list[
     weight = next((float(o.split("=", 1)[1]) for o in overrides if o.startswith("loss.teacher_summary_weight=")), 0.0)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     _, stats = load_train_rows(tokenizer, str(data), str(key_info), gamma, cfg.train.max_length, cfg.train.pack_length,
-                               annotation=annotation_key(cfg.teacher), teacher_summary_weight=weight)
+                               annotation=annotation_key(cfg.teacher), teacher_summary_weight=weight,
+                               summary_annotation=annotation_key(cfg.teacher, "summarize"))
     return {"tokens": stats.tokens, "supervised": stats.labelled_tokens, "rows": stats.rows}
 
 

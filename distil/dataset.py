@@ -81,10 +81,11 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
 def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gamma: float,
                     max_length: int, pack_length: int, kd: bool = False, student: str = "the student",
                     annotation: dict | None = None, teacher_summary_weight: float = 0.0,
-                    ) -> tuple[PackedRows, PackingStats]:
+                    summary_annotation: dict | None = None) -> tuple[PackedRows, PackingStats]:
     """Packed rows of train.jsonl; the extraction answers are the ledger records of `annotation`
     (distil.teacher_config.annotation_key of the config's teacher). With teacher_summary_weight > 0 the
-    reports of unlabelled.jsonl come too, answered by the teacher's summaries (the third kind). With `kd`,
+    reports of unlabelled.jsonl come too, answered by the teacher's summaries (the third kind), the records
+    of `summary_annotation` (annotation_key(teacher, "summarize")). With `kd`,
     each example carries the teacher's top-k that Stage 1 stored beside key_info_path (a student with
     another tokenizer is refused here, before any step), less the ids no token of the tokenizer has (a
     teacher's padded vocabulary)."""
@@ -95,9 +96,9 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
                          "top-k and loss.teacher_summary_weight > 0 its summaries; they need data.key_info_path (the "
                          "Stage 1 ledger; the top-k store and the summaries lie beside it); set it, or set loss.gamma: "
                          "1.0, loss.kd_alpha: 0 and loss.teacher_summary_weight: 0 for the summary-only baseline")
-    if (gamma < 1.0 or seqkd) and annotation is None:
-        raise ValueError("load_train_rows: the teacher's answers need its annotation key "
-                         "(distil.teacher_config.annotation_key(cfg.teacher))")
+    if (gamma < 1.0 and annotation is None) or (seqkd and summary_annotation is None):
+        raise ValueError("load_train_rows: the teacher's answers need their annotation keys "
+                         "(distil.teacher_config.annotation_key(cfg.teacher[, 'summarize']))")
     key_info = load_key_info(key_info_path, annotation) if gamma < 1.0 else {}
     unlabelled, summaries = [], None
     if seqkd:
@@ -107,7 +108,7 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
                             "summaries of the reports without a gold one: prepare them (launch/prepare_data.py with "
                             "sources without summaries), or set loss.teacher_summary_weight: 0")
         unlabelled = read_prepared(unlabelled_path)
-        summaries = load_teacher_summaries(key_info_path, annotation)
+        summaries = load_teacher_summaries(key_info_path, summary_annotation)
     topk = None
     if kd:
         topk = TopkStore(store_dir(key_info_path), vocab_size=token_count(tokenizer))

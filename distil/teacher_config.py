@@ -57,6 +57,13 @@ class TeacherConfig:
         "Also write the teacher's summary (S: P_sum, U: report) of every report of teacher.splits without a gold "
         "summary (the 'unlabelled' split) into data.key_info_path with .teacher_summaries.jsonl for .jsonl: Stage 2's "
         "third kind of example (loss.teacher_summary_weight).", False)
+    summary_max_new_tokens: int | None = option(
+        "Longest teacher summary; null = max_new_tokens. Set it like eval.max_new_tokens: the summaries are the "
+        "answers the student learns to give.", None)
+    summary_repetition_penalty: float | None = option(
+        "repetition_penalty of the teacher summaries; null = repetition_penalty. vLLM applies the penalty to the "
+        "report's tokens too, so a penalty that stops a small teacher's key information from looping also keeps "
+        "its summaries from copying the report; decode them like the evaluation does (1.0).", None)
     temperature: float = option("Sampling temperature; 0 = greedy.", 0.0)
     top_p: float = option("Nucleus sampling mass.", 1.0)
     repetition_penalty: float = option(
@@ -97,9 +104,13 @@ class TeacherConfig:
             require(p, getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         require(p, self.num_replicas is None or self.num_replicas > 0, "num_replicas",
                  f"must be positive or null (as many as the cluster holds), got {self.num_replicas}")
-        require(p, self.max_new_tokens < self.max_model_len, "max_new_tokens",
-                 f"must be below max_model_len ({self.max_model_len}) to leave room for the prompt, "
-                 f"got {self.max_new_tokens}")
+        for key in ("max_new_tokens", "summary_max_new_tokens"):
+            value = getattr(self, key)
+            require(p, value is None or 0 < value < self.max_model_len, key,
+                    f"must be positive and below max_model_len ({self.max_model_len}) to leave room for the prompt, "
+                    f"got {value}")
+        require(p, self.summary_repetition_penalty is None or self.summary_repetition_penalty > 0,
+                "summary_repetition_penalty", f"must be positive (1.0 = off) or null, got {self.summary_repetition_penalty}")
         require(p, self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib",
                  f"must be positive or null, got {self.kv_cache_gib}")
         require(p, self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
@@ -132,28 +143,34 @@ class TeacherConfig:
         raise_if(p)
 
 
-def sampling_params(t: TeacherConfig, attempt: int = 0) -> dict:
+def sampling_params(t: TeacherConfig, attempt: int = 0, task: str = "extract") -> dict:
     """vLLM SamplingParams keyword arguments of a report's try number `attempt` (0 = the first):
-    the configured sampling first, then teacher.retry_temperature with a new seed."""
+    the configured sampling first, then teacher.retry_temperature with a new seed. `task` "summarize"
+    (teacher.summarize) takes the summary_* settings where they are set."""
+    summary = task == "summarize"
+    max_tokens = t.summary_max_new_tokens if summary and t.summary_max_new_tokens is not None else t.max_new_tokens
+    penalty = (t.summary_repetition_penalty if summary and t.summary_repetition_penalty is not None
+               else t.repetition_penalty)
     params = {"temperature": t.retry_temperature if attempt else t.temperature, "top_p": t.top_p,
-              "max_tokens": t.max_new_tokens, "seed": t.seed + attempt, "stop": list(t.stop)}
-    if t.repetition_penalty != 1.0:  # only when set: ledgers written before the option keep their keys
-        params["repetition_penalty"] = t.repetition_penalty
+              "max_tokens": max_tokens, "seed": t.seed + attempt, "stop": list(t.stop)}
+    if penalty != 1.0:  # only when set: ledgers written before the option keep their keys
+        params["repetition_penalty"] = penalty
     return params
 
 
-def sampling_key(t: TeacherConfig) -> dict:
-    """The sampling settings that make two annotations of a report the same annotation (the first try's)."""
-    key = sampling_params(t)
+def sampling_key(t: TeacherConfig, task: str = "extract") -> dict:
+    """The sampling settings that make two answers of a report the same answer (the first try's)."""
+    key = sampling_params(t, 0, task)
     key["max_new_tokens"] = key.pop("max_tokens")
-    return {**key, "key_info_format": t.key_info_format}
+    return {**key, "key_info_format": t.key_info_format} if task == "extract" else key
 
 
-def annotation_key(t: TeacherConfig) -> dict:
-    """Which ledger records are this teacher's answers: teacher, prompt version and sampling. The teacher is
-    what its folder holds (distil.fingerprint), so `./m/` and `m` are one teacher, a retrained one another;
-    a hub name (or a remote endpoint's model) is its own identity."""
-    return {"teacher": model_identity(t.model), "prompt_version": PROMPT_VERSION, "sampling": sampling_key(t)}
+def annotation_key(t: TeacherConfig, task: str = "extract") -> dict:
+    """Which ledger records are this teacher's answers to `task` (key information; "summarize": its summaries):
+    teacher, prompt version and sampling. The teacher is what its folder holds (distil.fingerprint), so `./m/`
+    and `m` are one teacher, a retrained one another; a hub name (or a remote endpoint's model) is its own
+    identity."""
+    return {"teacher": model_identity(t.model), "prompt_version": PROMPT_VERSION, "sampling": sampling_key(t, task)}
 
 
 def record_key(record_id: str, annotation: dict) -> str:

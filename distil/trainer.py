@@ -237,7 +237,8 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
                               cfg.train.max_length, cfg.train.pack_length, kd=kd is not None,
                               student=cfg.model.name_or_path, annotation=annotation_key(cfg.teacher),
-                              teacher_summary_weight=cfg.loss.teacher_summary_weight)
+                              teacher_summary_weight=cfg.loss.teacher_summary_weight,
+                              summary_annotation=annotation_key(cfg.teacher, "summarize"))
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, dtype=DTYPES[cfg.train.precision], attn_implementation=backend.attn_implementation)
     config_text = dump_config(cfg)

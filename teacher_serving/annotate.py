@@ -87,7 +87,7 @@ def fit_prompts(records: list[dict], tokenizer, budget: int, task: str = "extrac
 
 def request(item: Item, t: TeacherConfig, schema: dict | None) -> GenerateRequest:
     """The engine request of the item's next try: configured sampling first, retry_temperature after."""
-    return GenerateRequest(item.messages, sampling_params(t, item.attempts), schema)
+    return GenerateRequest(item.messages, sampling_params(t, item.attempts, item.task), schema)
 
 
 def ledger_record(item: Item, t: TeacherConfig, status: str, output: dict | None) -> dict:
@@ -98,7 +98,7 @@ def ledger_record(item: Item, t: TeacherConfig, status: str, output: dict | None
         status = "ungrounded"
     answer = "key_info" if item.task == "extract" else "summary"
     return {"id": item.record["id"], "lang": item.record["lang"], "split": item.record.get("split"),
-            answer: output.get("text"), "status": status, **annotation_key(t), "teacher_model": t.model,
+            answer: output.get("text"), "status": status, **annotation_key(t, item.task), "teacher_model": t.model,
             "finish_reason": output.get("finish_reason"),
             "prompt_tokens": output.get("prompt_tokens"), "completion_tokens": output.get("completion_tokens"),
             "attempts": item.attempts, "report_tokens_dropped": item.report_tokens_dropped, "grounding": score}
@@ -110,18 +110,18 @@ def annotation_ledger(path: str | Path) -> Ledger:
 
 
 def load_pending(cfg: ExperimentConfig, ledger: Ledger, limit: int | None,
-                 without_summary: bool = False) -> tuple[list[dict], int]:
-    """The reports of teacher.splits (the first `limit`; with `without_summary` those without a gold summary)
-    that `ledger` lacks, and how many there are in all."""
+                 task: str = "extract") -> tuple[list[dict], int]:
+    """The reports of teacher.splits (the first `limit`; for "summarize" those without a gold summary) whose
+    answer to `task` `ledger` lacks, and how many there are in all."""
     t = cfg.teacher
     records = []
     for split in t.splits:
         records += read_prepared(Path(cfg.data.prepared_dir) / f"{split}.jsonl")
     if limit is not None:
         records = records[:limit]
-    if without_summary:
+    if task == "summarize":
         records = [r for r in records if r["summary"] is None]
-    wanted = annotation_key(t)
+    wanted = annotation_key(t, task)
     pending = [r for r in records if record_key(r["id"], wanted) not in ledger.done]
     return pending, len(records)
 
@@ -176,9 +176,9 @@ def run(pool: TeacherPool, items: list[Item], t: TeacherConfig, ledger: Ledger, 
     return counts
 
 
-def summarize(ledger: Ledger, t: TeacherConfig) -> dict:
+def summarize(ledger: Ledger, t: TeacherConfig, task: str = "extract") -> dict:
     """Counts per status and grounding per language over this teacher's records in the whole ledger."""
-    wanted = annotation_key(t)
+    wanted = annotation_key(t, task)
     mine = [r for r in ledger.records if is_annotation_of(r, wanted)]
     return {"records": len(mine), "status": dict(Counter(r["status"] for r in mine)),
             "grounding": summarize_grounding(mine, t.grounding_threshold)}
@@ -194,14 +194,15 @@ def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict],
     counts: Counter = Counter()
     tokens, seconds, items = 0, 0.0, []
     if pending:
-        items, impossible = fit_prompts(pending, tokenizer, t.max_model_len - t.max_new_tokens, task)
+        budget = t.max_model_len - sampling_params(t, 0, task)["max_tokens"]
+        items, impossible = fit_prompts(pending, tokenizer, budget, task)
         too_long = [i for i in items if i.report_tokens_dropped]
         if t.too_long == "skip":
             impossible += [i.record for i in too_long]
             items = [i for i in items if not i.report_tokens_dropped]
         elif too_long:
             log.info("%d report(s) cut to fit max_model_len - max_new_tokens = %d tokens (teacher.too_long)",
-                     len(too_long), t.max_model_len - t.max_new_tokens)
+                     len(too_long), budget)
         skipped = [ledger_record(Item(r, [], task=task), t, "skipped_too_long", None) for r in impossible]
         ledger.append(skipped)
         counts.update(r["status"] for r in skipped)
@@ -247,7 +248,7 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
                  ledger.path, len(pending))
         summaries = annotation_ledger(teacher_summaries_path(cfg.data.key_info_path)) if t.summarize else None
         try:
-            to_summarize = load_pending(cfg, summaries, limit, without_summary=True)[0] if summaries else []
+            to_summarize = load_pending(cfg, summaries, limit, "summarize")[0] if summaries else []
             needed = pending or to_summarize or t.topk_logprobs
             tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model) if needed else None
             this_run = annotate_pending(cfg, ledger, pending, tokenizer, pool, show_progress)
@@ -256,7 +257,7 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
                 log.info("%d report(s) without a gold summary to summarize, %d in %s", len(to_summarize),
                          len(summaries.records), summaries.path)
                 this_run = annotate_pending(cfg, summaries, to_summarize, tokenizer, pool, show_progress, "summarize")
-                summary["teacher_summaries"] = {**summarize(summaries, t), "this_run": this_run}
+                summary["teacher_summaries"] = {**summarize(summaries, t, "summarize"), "this_run": this_run}
             if t.topk_logprobs:  # the last pass: distributions for token-level distillation
                 summary["topk"] = score(cfg, pool, ledger.records, tokenizer,
                                         summaries.records if summaries is not None else [])

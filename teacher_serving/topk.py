@@ -72,7 +72,7 @@ def score_jobs(cfg: ExperimentConfig, annotations: list[dict], done: set[str],
                 if record["id"] in key_info:
                     answers["extract"] = key_info[record["id"]]
                 todo.append((record, answers))
-    summaries = usable(list(teacher_summaries), wanted, "summary")
+    summaries = usable(list(teacher_summaries), annotation_key(t, "summarize"), "summary")
     if summaries:
         todo += [(r, {"teacher_summary": summaries[r["id"]]}) for r in read_prepared(prepared / "unlabelled.jsonl")
                  if r["id"] in summaries]

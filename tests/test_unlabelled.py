@@ -43,7 +43,7 @@ def stage1(tmp_path_factory, prepared_dir, lively_model):
         "train": {"max_length": 512},
         "teacher": {"model": str(lively_model), "splits": ["train", "unlabelled"], "summarize": True,
                     "tensor_parallel_size": 1, "num_replicas": 1, "max_model_len": 1024, "dtype": "float32",
-                    "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 24, "stop": ["e"],
+                    "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 24, "summary_max_new_tokens": 20, "stop": ["e"],
                     "max_num_seqs": 8, "max_attempts": 2, "topk_logprobs": 8}}))
     with running_cluster(head_cpus=2) as cluster:
         submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
@@ -64,9 +64,11 @@ def test_stage1_summarizes_each_report_without_a_gold_one_once(stage1):
     summaries = read_jsonl(teacher_summaries_path(ledger))
     assert Counter(r["id"] for r in summaries) == Counter(unlabelled)  # only those without a gold summary, once
     assert Counter(r["id"] for r in read_jsonl(ledger)) == Counter(train + unlabelled)  # key info: all of them
+    assert {r["sampling"]["max_new_tokens"] for r in read_jsonl(ledger)} == {24}
     for r in summaries:
         assert {"summary", "status", "teacher", "prompt_version", "sampling", "finish_reason", "attempts"} <= set(r)
         assert "key_info" not in r and r["split"] == "unlabelled"
+        assert r["sampling"]["max_new_tokens"] == 20 and r["completion_tokens"] <= 20  # the summaries' own budget
     ok = {r["id"] for r in summaries if r["status"] == "ok"}
     assert ok, "no ok teacher summary to train on"
     # the resumed job found everything done: no new answer, no new top-k
@@ -159,20 +161,20 @@ def test_teacher_summaries_need_the_unlabelled_split_and_the_stage1_ledger(tmp_p
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     ledger = tmp_path / "key_info.jsonl"
     args = (tokenizer, str(prepared), str(ledger), 1.0, 512, 1024)
-    annotation = annotation_key(TeacherConfig(model="teacher"))
+    annotation = annotation_key(TeacherConfig(model="teacher"), "summarize")
     with pytest.raises(DataError, match="unlabelled.jsonl: not found; loss.teacher_summary_weight > 0"):
-        load_train_rows(*args, annotation=annotation, teacher_summary_weight=1.0)
+        load_train_rows(*args, summary_annotation=annotation, teacher_summary_weight=1.0)
     write_jsonl(prepared / "unlabelled.jsonl", [dict(r, summary=None, split="unlabelled")
                                                 for r in read_jsonl(prepared_dir / "train.jsonl")[2:4]])
     with pytest.raises(DataError, match=r"key_info.teacher_summaries.jsonl: no teacher summaries; .*teacher.summarize"):
-        load_train_rows(*args, annotation=annotation, teacher_summary_weight=1.0)
-    rows, stats = load_train_rows(*args, annotation=annotation)  # off: the unlabelled reports are not read
+        load_train_rows(*args, summary_annotation=annotation, teacher_summary_weight=1.0)
+    rows, stats = load_train_rows(*args)  # off: the unlabelled reports are not read
     assert stats.teacher_summary_examples == 0 and stats.examples == 2
     # one teacher summary of the two unlabelled reports: one example of the third kind, one counted missing
     unlabelled = read_jsonl(prepared / "unlabelled.jsonl")
     write_jsonl(teacher_summaries_path(ledger), [{"id": unlabelled[0]["id"], "summary": "A short summary.",
                                                   "status": "ok", **annotation}])
-    rows, stats = load_train_rows(*args, annotation=annotation, teacher_summary_weight=1.0)
+    rows, stats = load_train_rows(*args, summary_annotation=annotation, teacher_summary_weight=1.0)
     assert (stats.examples, stats.teacher_summary_examples, stats.missing_teacher_summary) == (3, 1, 1)
     kinds = sorted(e["task"] for row in rows.rows for e in row)
     assert kinds == ["summarize", "summarize", "teacher_summary"]
