@@ -1,6 +1,7 @@
-"""Quality bench: does distil-tuning make a better student? Five arms from the same base model.
+"""Quality bench: does distil-tuning make a better student? Arms from the same base model.
 
-    python bench/quality.py                       # SmolLM2 on the real English gold standard, CPU (~90 min)
+    python bench/quality.py                       # SmolLM2 teaches itself, real English gold standard, CPU
+    python bench/quality.py --trained-teacher     # a SmolLM2 teacher that knows more (below), CPU, hours
     python bench/quality.py --config launch/configs/paper_qwen25_05b.yaml --launcher deepspeed   # GPU node
 
 Arms (same reports, seed and schedule; only what the arm names changes):
@@ -13,6 +14,19 @@ Arms (same reports, seed and schedule; only what the arm names changes):
   distil_kd         `distil` plus token-level distillation: the teacher's top-k next-token distributions
                     over both tasks' answers (stored by the same Stage 1 job, teacher.topk_logprobs),
                     loss.kd_alpha = --kd-alpha, generalized JSD with loss.kd_beta = --kd-beta
+With a trained teacher (--trained-teacher): the teacher is SmolLM2 fine-tuned by the project's own Stage 2
+(summaries only, --teacher-epochs) on a teacher split of the training reports that the student never sees;
+the next --unlabelled-reports after the student's --train-reports lose their summaries (data/unlabelled.jsonl),
+the --teacher-reports after them are the teacher's. Stage 1 runs with that teacher (key information of the
+train and unlabelled reports, teacher.summarize for the unlabelled ones, top-k), and three arms join:
+  seqkd             gamma = 1 plus the teacher's summaries of the unlabelled reports (sequence-level KD,
+                    loss.teacher_summary_weight = --teacher-summary-weight)
+  distil_seqkd      `distil` plus the teacher's summaries
+  teacher           the teacher itself: the score to transfer
+and standard_matched is matched to the largest distillation arm. Every distillation arm is paired with
+standard_matched, and `gap_closed.<arm>` = (arm - standard_matched) / (teacher - standard_matched).
+The teacher folder is not kept; its Stage 1 outputs and its fingerprint (teacher_model.json) are, so a
+fresh clone trains the remaining arms without it.
 Each arm is evaluated on the whole test split with the project's evaluation (launch/evaluate.py);
 eval.max_new_tokens is set to cover the reference summaries: the 95th percentile of the test
 references' token lengths (+1 for the end-of-turn token), rounded up to 32. The training summaries
@@ -281,10 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     check_settings(args.keep / "settings.json", settings)
     key_info = args.keep / "key_info.jsonl"
     common = [f"data.prepared_dir={data}", f"data.key_info_path={key_info}", *args.overrides]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    max_new = covering_tokens(tokenizer, [r["summary"] for r in read_jsonl(data / "test.jsonl")])
     teacher = cfg.teacher.model
     if args.teacher_reports:
         teacher = train_teacher(args, common, env)
-        common.append(f"teacher.model={teacher}")
+        # its summaries are decoded as the evaluation decodes every arm's (no penalty, the same budget)
+        common += [f"teacher.model={teacher}", f"teacher.summary_max_new_tokens={max_new}",
+                   "teacher.summary_repetition_penalty=1.0"]
     if any(arm in args.arms for arm in ("distil", "standard_matched", "distil_kd", "seqkd", "distil_seqkd")):
         if Path(teacher).is_dir() or not args.teacher_reports:  # else: the kept outputs of a teacher now gone
             splits = "[train,unlabelled]" if args.teacher_reports else "[train]"
@@ -292,10 +312,6 @@ def main(argv: list[str] | None = None) -> int:
             run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
                  f"teacher.splits={splits}", *summarize], args.work / "logs" / "annotate.log", env)
     cfg = load_config(args.config, common[2:])
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    max_new = covering_tokens(tokenizer, [r["summary"] for r in read_jsonl(data / "test.jsonl")])
     epochs = cfg.train.num_epochs
     seqkd = [f"loss.teacher_summary_weight={args.teacher_summary_weight}"]
     kd = [f"loss.kd_alpha={args.kd_alpha}", f"loss.kd_beta={args.kd_beta}"]

@@ -129,3 +129,56 @@ def test_paired_differences_use_the_metrics_both_arms_recorded():
     new = {"r1": {"rougeL": 12.0, "copy4": 20.0, "repeat4": 5.0}, "r2": {"rougeL": 22.0, "copy4": 20.0, "repeat4": 0.0}}
     assert bench.paired(new, old, samples=20, seed=0) == {"rougeL": [2.0, 2.0, 2.0], "copy4": [-10.0, -10.0, -10.0]}
     assert bench.paired(new, new, samples=20, seed=0)["repeat4"] == [0.0, 0.0, 0.0]
+
+
+def test_gap_closed_is_the_share_of_the_teacher_s_lead_an_arm_recovers():
+    bench = quality_bench()
+    done = {"standard_matched": {"rougeL": 20.0, "repeat4": 10.0, "copy4": 50.0},
+            "teacher": {"rougeL": 24.0, "repeat4": 6.0, "copy4": 50.0},
+            "seqkd": {"rougeL": 23.0, "repeat4": 12.0, "copy4": 55.0},
+            "distil": {"rougeL": 19.0, "repeat4": 8.0, "copy4": 40.0}}
+    gap = bench.gap_closed(done, "standard_matched", "teacher", ("rougeL", "repeat4", "copy4"))
+    # (23 - 20) / (24 - 20); repeat4 is lower-is-better: (12 - 10) / (6 - 10) = -0.5 (worse than the floor);
+    # copy4: the teacher is no better than the floor, so there is no gap to close
+    assert gap == {"seqkd": {"rougeL": 0.75, "repeat4": -0.5, "copy4": None},
+                   "distil": {"rougeL": -0.25, "repeat4": 0.5, "copy4": None}}
+
+
+@pytest.mark.timeout(1500)
+def test_the_trained_teacher_bench_splits_trains_the_teacher_and_distils_its_summaries(tmp_path, tiny_model):
+    """--teacher-reports: three disjoint sets of reports, the teacher trained by Stage 2 on its own, Stage 1 with
+    it (key information, summaries of the unlabelled reports, top-k), the seqkd arm on those summaries."""
+    from distil.data import read_jsonl, teacher_summaries_path
+
+    config = tiny_experiment(tmp_path / "quality.yaml", tiny_model)
+    command = [sys.executable, str(REPO / "bench" / "quality.py"), "--config", str(config), "--work",
+               str(tmp_path / "work"), "--out", str(tmp_path / "quality_teacher.json"), "--keep",
+               str(tmp_path / "keep"), "--train-reports", "8", "--test-reports", "4", "--unlabelled-reports", "4",
+               "--teacher-reports", "6", "--teacher-epochs", "1", "--arms", "teacher", "seqkd", "standard_matched"]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    work, keep = tmp_path / "work", tmp_path / "keep"
+    student = {r["id"] for r in read_jsonl(work / "data" / "train.jsonl")}
+    unlabelled = read_jsonl(work / "data" / "unlabelled.jsonl")
+    teacher = {r["id"] for r in read_jsonl(work / "teacher_data" / "train.jsonl")}
+    assert (len(student), len(unlabelled), len(teacher)) == (8, 4, 6)
+    assert not (student & teacher) and not ({r["id"] for r in unlabelled} & (student | teacher))
+    assert all(r["summary"] is None for r in unlabelled)
+    kept_teacher = json.loads((keep / "teacher_model.json").read_text())
+    assert kept_teacher["identity"].startswith("sha256:") and kept_teacher["reports"] == 6
+    summaries = read_jsonl(teacher_summaries_path(keep / "key_info.jsonl"))
+    assert sorted(r["id"] for r in summaries) == sorted(r["id"] for r in unlabelled)
+    assert {r["teacher"] for r in summaries} == {kept_teacher["identity"]}
+    result = json.loads((tmp_path / "quality_teacher.json").read_text())
+    assert set(result) >= {"teacher", "seqkd", "standard_matched", "gap_closed", "teacher_model"}
+    assert set(result["paired"]) == {"seqkd_minus_standard_matched", "teacher_minus_standard_matched"}
+    assert set(result["gap_closed"]) == {"seqkd"}
+    # standard_matched sees as many supervised tokens as the largest distillation arm
+    largest = max(b["supervised"] for arm, b in result["tokens_per_epoch"].items() if arm != "standard")
+    assert result["standard_matched"]["train_tokens"] == pytest.approx(largest, rel=0.01)
+    # a fresh clone: no teacher folder and no --work arms; the kept Stage 1 outputs and results suffice
+    subprocess.run(["rm", "-rf", str(work / "teacher"), str(work / "seqkd"), str(work / "standard_matched"),
+                    str(work / "eval")], check=True)
+    fresh = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 3, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert json.loads((tmp_path / "quality_teacher.json").read_text())["paired"] == result["paired"]
