@@ -176,14 +176,13 @@ def token_budget(cfg, data: Path, key_info: Path, gamma: float, overrides: list[
     """Tokens the arm trains on per epoch: all (compute) and supervised (assistant answers)."""
     from transformers import AutoTokenizer
 
+    from distil.config import teachers
     from distil.dataset import load_train_rows
-    from distil.teacher_config import annotation_key
 
     weight = next((float(o.split("=", 1)[1]) for o in overrides if o.startswith("loss.teacher_summary_weight=")), 0.0)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     _, stats = load_train_rows(tokenizer, str(data), str(key_info), gamma, cfg.train.max_length, cfg.train.pack_length,
-                               annotation=annotation_key(cfg.teacher), teacher_summary_weight=weight,
-                               summary_annotation=annotation_key(cfg.teacher, "summarize"))
+                               teachers=teachers(cfg), text_rule=cfg.combine.text, teacher_summary_weight=weight)
     return {"tokens": stats.tokens, "supervised": stats.labelled_tokens, "rows": stats.rows}
 
 

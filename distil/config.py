@@ -22,10 +22,11 @@ import yaml
 from distil.atomic import blocking_file
 from distil.eval_config import EvalConfig
 from distil.options import LANGUAGES, ConfigError, option, raise_if, require
-from distil.teacher_config import TeacherConfig
+from distil.teacher_config import CombineConfig, Teacher, TeacherConfig, annotation_key
 
 __all__ = ["ConfigError", "LANGUAGES", "DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "TeacherConfig",
-           "EvalConfig", "SlurmConfig", "ExperimentConfig", "load_config", "check_training", "dump_config", "reference_table"]
+           "EvalConfig", "SlurmConfig", "CombineConfig", "ExperimentConfig", "Teacher", "load_config", "teachers",
+           "check_training", "dump_config", "reference_table"]
 
 
 @dataclass
@@ -232,6 +233,7 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    combine: CombineConfig = field(default_factory=CombineConfig)
     source: str | None = field(default=None, metadata={"help": "File the config was read from (set by the loader)."})
 
     def to_dict(self) -> dict[str, Any]:
@@ -357,9 +359,41 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             problems.append(f"{key}: unknown section; known sections: {sorted(sections)}")
     for name in sections:
         built[name] = _build_section(hints[name], raw.get(name), name, problems)
+    if not problems:
+        _teachers(ExperimentConfig(**built), problems)
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s) in the config:\n  " + "\n  ".join(problems))
     return ExperimentConfig(**built, source=str(path))
+
+
+def teachers(cfg: ExperimentConfig) -> list[Teacher]:
+    """Every teacher of the experiment, the teacher section's first; each entry of combine.teachers is that
+    section with the entry's keys on top (load_config has checked them)."""
+    problems: list[str] = []
+    found = _teachers(cfg, problems)
+    if problems:
+        raise ConfigError(f"{cfg.source}: {len(problems)} problem(s) in the config:\n  " + "\n  ".join(problems))
+    return found
+
+
+def _teachers(cfg: ExperimentConfig, problems: list[str]) -> list[Teacher]:
+    found = [Teacher(cfg.combine.name, cfg.combine.weight, cfg.teacher, 0)]
+    base = dataclasses.asdict(cfg.teacher)
+    for i, entry in enumerate(cfg.combine.teachers):
+        entry = dict(entry)
+        name, weight = entry.pop("name", f"teacher{i + 2}"), float(entry.pop("weight", 1.0))
+        before = len(problems)
+        built = _build_section(TeacherConfig, {**base, **entry}, f"combine.teachers[{i}]", problems)
+        if len(problems) == before:
+            found.append(Teacher(name, weight, built, i + 1))
+    keys: dict[str, str] = {}
+    for t in found if len(found) > 1 else ():
+        key = json.dumps(annotation_key(t.config), sort_keys=True)
+        if key in keys:
+            problems.append(f"combine.teachers: {t.name!r} has the model and sampling of {keys[key]!r}; its answers "
+                            "would be the same ledger records: give it another model or sampling, or remove it")
+        keys[key] = t.name
+    return found
 
 
 def check_training(cfg: ExperimentConfig) -> None:

@@ -10,6 +10,7 @@ formatting strips them later. Errors name the file or record id and say what to 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -19,12 +20,14 @@ from pathlib import Path
 from typing import Iterable
 
 from distil.atomic import write_text
+from distil.combine import Answer, select
 from distil.config import LANGUAGES
 from distil.ledger import read_ledger
-from distil.teacher_config import is_annotation_of
+from distil.teacher_config import Teacher, annotation_key, is_annotation_of
 
 SPLITS = ("train", "valid", "test")
 UNLABELLED = "unlabelled"  # reports without a gold summary: a prepared file of their own
+log = logging.getLogger(__name__)
 RELEASE_DIR = re.compile(r"^(?P<name>.+)_(?P<lang>[a-z]{2})$")
 
 
@@ -273,7 +276,13 @@ def load_teacher_summaries(key_info_path: str | Path, annotation: dict) -> dict[
 
 
 def _teacher_answers(path: Path, annotation: dict, field: str) -> dict[str, str]:
-    answers: dict[str, str] = {}
+    return {i: row[field] for i, row in _teacher_rows(path, annotation, field).items()}
+
+
+def _teacher_rows(path: Path, annotation: dict, field: str, required: bool = True) -> dict[str, dict]:
+    """The usable records (status ok, a non-empty `field`) of `annotation` by report id. With `required`, a
+    ledger that holds only other teachers' records is an error (the config names the wrong teacher)."""
+    rows: dict[str, dict] = {}
     seen: set[str] = set()
     others: Counter = Counter()
     for lineno, row in enumerate(read_ledger(path), 1):
@@ -288,18 +297,61 @@ def _teacher_answers(path: Path, annotation: dict, field: str) -> dict[str, str]
                             "merged or edited by hand: keep one of them")
         seen.add(row["id"])
         if row.get("status", "ok") == "ok" and isinstance(row.get(field), str) and row[field].strip():
-            answers[row["id"]] = row[field]
-    if others and not seen:
+            rows[row["id"]] = row
+    if required and others and not seen:
         raise DataError(f"{path}: no record of teacher {annotation['teacher']!r} (teacher.model: a folder is known by "
                         "the fingerprint of its files, distil/fingerprint.py, so it must be the folder Stage 1 used) with prompt "
                         f"{annotation['prompt_version']} and sampling {annotation['sampling']}, but "
                         f"{sum(others.values())} of other teachers or settings ({sorted(map(str, others))}); set the "
                         "teacher section to the one that wrote the ledger, or rerun Stage 1 with this config")
-    return answers
+    return rows
 
 
-def training_examples(records: list[dict], key_info: dict[str, str], gamma: float) -> tuple[list[dict], dict]:
-    """Both tasks per report: summarize (gold summary) and, when gamma < 1, extract (teacher key info).
+def combined_answers(path: str | Path, teachers: list[Teacher], rule: str, task: str = "extract",
+                     ) -> dict[str, list[Answer]]:
+    """Several teachers' answers to `task` (key information; "summarize": the teacher summaries ledger at
+    `path`) by report id, each report's chosen by `rule` (distil/combine.py; combine.text). A teacher without a
+    record costs only its own answers (logged); none of them with a record is the error load_key_info gives."""
+    path = Path(path)
+    field = "key_info" if task == "extract" else "summary"
+    if not path.is_file():
+        raise DataError(f"{path}: no {'key-information ledger' if task == 'extract' else 'teacher summaries'}; run "
+                        "Stage 1 (launch/annotate.py) with this config" + ("" if task == "extract" else
+                                                                         " and teacher.summarize=true"))
+    by_id: dict[str, list[Answer]] = {}
+    absent = []
+    for teacher in teachers:
+        annotation = annotation_key(teacher.config, task)
+        rows = _teacher_rows(path, annotation, field, required=False)
+        if not rows:
+            absent.append(teacher.name)
+        for record_id, row in rows.items():
+            by_id.setdefault(record_id, []).append(
+                Answer(annotation["teacher"], row[field], teacher.weight, row.get("grounding"), teacher.order))
+    if len(absent) == len(teachers):
+        _teacher_rows(path, annotation_key(teachers[0].config, task), field)  # raises with the full story
+    if absent:
+        log.warning("%s: no usable answer of teacher(s) %s: trained on the others' (rerun Stage 1 for them)", path,
+                    absent)
+    chosen = {record_id: select(rule, answers) for record_id, answers in by_id.items()}
+    names = {annotation_key(t.config, task)["teacher"]: t.name for t in teachers}
+    wins = Counter(names[a.teacher] for answers in chosen.values() for a in answers)
+    log.info("%s: %s answers per teacher under combine.text=%s (of %s usable): %s", path.name, task, rule,
+             dict(Counter(names[a.teacher] for answers in by_id.values() for a in answers)), dict(wins))
+    return chosen
+
+
+def _example(base: dict, task: str, answer: str | Answer) -> dict:
+    """An example of `task`; an Answer of one of several teachers adds its weight and author."""
+    if isinstance(answer, str):
+        return dict(base, task=task, answer=answer)
+    return dict(base, task=task, answer=answer.text, weight=answer.weight, teacher=answer.teacher)
+
+
+def training_examples(records: list[dict], key_info: dict[str, str | list[Answer]],
+                      gamma: float) -> tuple[list[dict], dict]:
+    """Both tasks per report: summarize (gold summary) and, when gamma < 1, extract (teacher key info: one
+    teacher's text, or several teachers' answers as combined_answers chose them, one example each).
 
     A report without key info is trained on the summary task only and counted.
     """
@@ -308,8 +360,9 @@ def training_examples(records: list[dict], key_info: dict[str, str], gamma: floa
         base = {"id": record["id"], "lang": record["lang"], "report": record["report"]}
         examples.append(dict(base, task="summarize", answer=record["summary"]))
         if gamma < 1.0:
-            if record["id"] in key_info:
-                examples.append(dict(base, task="extract", answer=key_info[record["id"]]))
+            answers = key_info.get(record["id"])
+            if answers:
+                examples += [_example(base, "extract", a) for a in ([answers] if isinstance(answers, str) else answers)]
             else:
                 missing += 1
     counts = {"reports": len(records), "summarize": len(records),
@@ -317,9 +370,16 @@ def training_examples(records: list[dict], key_info: dict[str, str], gamma: floa
     return examples, counts
 
 
-def teacher_summary_examples(records: list[dict], summaries: dict[str, str]) -> tuple[list[dict], int]:
+def teacher_summary_examples(records: list[dict], summaries: dict[str, str | list[Answer]]) -> tuple[list[dict], int]:
     """The third kind of example: a report without a gold summary, answered by the teacher's summary (same
-    prompt as summarization). Returns the examples and how many reports have no usable teacher summary."""
-    examples = [{"id": r["id"], "lang": r["lang"], "report": r["report"], "task": "teacher_summary",
-                 "answer": summaries[r["id"]]} for r in records if r["id"] in summaries]
-    return examples, len(records) - len(examples)
+    prompt as summarization; several teachers': as combined_answers chose them). Returns the examples and how
+    many reports have no usable teacher summary."""
+    examples, missing = [], 0
+    for r in records:
+        answers = summaries.get(r["id"])
+        if not answers:
+            missing += 1
+            continue
+        base = {"id": r["id"], "lang": r["lang"], "report": r["report"]}
+        examples += [_example(base, "teacher_summary", a) for a in ([answers] if isinstance(answers, str) else answers)]
+    return examples, missing

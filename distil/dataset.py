@@ -9,9 +9,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from distil.data import (UNLABELLED, DataError, load_key_info, load_teacher_summaries, read_prepared,
-                         teacher_summary_examples, training_examples)
+from distil.data import (UNLABELLED, DataError, combined_answers, load_key_info, load_teacher_summaries, read_prepared,
+                         teacher_summaries_path, teacher_summary_examples, training_examples)
+from distil.fingerprint import model_identity
 from distil.packing import pack_best_fit
+from distil.teacher_config import Teacher, annotation_key
 from distil.teacher_topk import TopkStore, store_dir, token_count
 from distil.tokenization import answer_length, encode_example
 
@@ -80,15 +82,14 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
 
 def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gamma: float,
                     max_length: int, pack_length: int, kd: bool = False, student: str = "the student",
-                    annotation: dict | None = None, teacher_summary_weight: float = 0.0,
-                    summary_annotation: dict | None = None) -> tuple[PackedRows, PackingStats]:
-    """Packed rows of train.jsonl; the extraction answers are the ledger records of `annotation`
-    (distil.teacher_config.annotation_key of the config's teacher). With teacher_summary_weight > 0 the
-    reports of unlabelled.jsonl come too, answered by the teacher's summaries (the third kind), the records
-    of `summary_annotation` (annotation_key(teacher, "summarize")). With `kd`,
-    each example carries the teacher's top-k that Stage 1 stored beside key_info_path (a student with
-    another tokenizer is refused here, before any step), less the ids no token of the tokenizer has (a
-    teacher's padded vocabulary)."""
+                    teachers: list[Teacher] = (), text_rule: str = "each", teacher_summary_weight: float = 0.0,
+                    ) -> tuple[PackedRows, PackingStats]:
+    """Packed rows of train.jsonl; the extraction answers are the ledger records of `teachers`
+    (distil.config.teachers of the config: one, or several combined by `text_rule`, distil/combine.py). With
+    teacher_summary_weight > 0 the reports of unlabelled.jsonl come too, answered by the teachers' summaries
+    (the third kind). With `kd`, each example carries the top-k that Stage 1 stored beside key_info_path (a
+    student with another tokenizer is refused here, before any step), less the ids no token of the tokenizer
+    has (a teacher's padded vocabulary): its author's, or for a gold summary the teachers' mixture."""
     records = read_prepared(Path(prepared_dir) / "train.jsonl")
     seqkd = teacher_summary_weight > 0
     if (gamma < 1.0 or kd or seqkd) and key_info_path is None:
@@ -96,10 +97,16 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
                          "top-k and loss.teacher_summary_weight > 0 its summaries; they need data.key_info_path (the "
                          "Stage 1 ledger; the top-k store and the summaries lie beside it); set it, or set loss.gamma: "
                          "1.0, loss.kd_alpha: 0 and loss.teacher_summary_weight: 0 for the summary-only baseline")
-    if (gamma < 1.0 and annotation is None) or (seqkd and summary_annotation is None):
-        raise ValueError("load_train_rows: the teacher's answers need their annotation keys "
-                         "(distil.teacher_config.annotation_key(cfg.teacher[, 'summarize']))")
-    key_info = load_key_info(key_info_path, annotation) if gamma < 1.0 else {}
+    if (gamma < 1.0 or kd or seqkd) and not teachers:
+        raise ValueError("load_train_rows: the teacher's answers need the config's teachers (distil.config.teachers)")
+
+    def answers(path, task: str) -> dict:
+        if len(teachers) == 1:  # one teacher: its text as it is
+            load = load_key_info if task == "extract" else load_teacher_summaries
+            return load(key_info_path, annotation_key(teachers[0].config, task))
+        return combined_answers(path, list(teachers), text_rule, task)
+
+    key_info = answers(key_info_path, "extract") if gamma < 1.0 else {}
     unlabelled, summaries = [], None
     if seqkd:
         unlabelled_path = Path(prepared_dir) / f"{UNLABELLED}.jsonl"
@@ -108,10 +115,11 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
                             "summaries of the reports without a gold one: prepare them (launch/prepare_data.py with "
                             "sources without summaries), or set loss.teacher_summary_weight: 0")
         unlabelled = read_prepared(unlabelled_path)
-        summaries = load_teacher_summaries(key_info_path, summary_annotation)
+        summaries = answers(teacher_summaries_path(key_info_path), "summarize")
     topk = None
     if kd:
-        topk = TopkStore(store_dir(key_info_path), vocab_size=token_count(tokenizer))
+        weights = {model_identity(t.config.model): t.weight for t in teachers}
+        topk = TopkStore(store_dir(key_info_path), vocab_size=token_count(tokenizer), teachers=weights)
         topk.check_tokenizer(tokenizer, student)
     rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length, topk,
                                     unlabelled, summaries)

@@ -60,10 +60,14 @@ def kind_weights(gamma: float, teacher_summary_weight: float = 0.0) -> list[floa
     return [gamma, 1.0 - gamma, teacher_summary_weight]
 
 
-def task_token_counts(target_ids: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-    """Labelled tokens per kind [summarize, extract, teacher_summary]."""
+def task_token_counts(target_ids: torch.Tensor, task_ids: torch.Tensor,
+                      token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Labelled tokens per kind [summarize, extract, teacher_summary]; with token_weights (the same shape:
+    several teachers' answers, distil/combine.py) the sum of their weights."""
     labelled = target_ids != IGNORE
-    return torch.stack([(labelled & (task_ids == kind)).sum() for kind in range(KINDS)])
+    if token_weights is None:
+        return torch.stack([(labelled & (task_ids == kind)).sum() for kind in range(KINDS)])
+    return torch.stack([(token_weights * (labelled & (task_ids == kind))).sum() for kind in range(KINDS)])
 
 
 def task_sums(values: torch.Tensor, token_task: torch.Tensor) -> torch.Tensor:
@@ -86,12 +90,14 @@ def distil_loss(token_loss: torch.Tensor, token_task: torch.Tensor, weights: lis
     """
     sums = task_sums(token_loss, token_task)
     w = torch.tensor(weights, dtype=sums.dtype, device=sums.device)
-    denominators = step_counts.to(sums.device, sums.dtype).clamp(min=1.0)
+    counts = step_counts.to(sums.device, sums.dtype)
+    denominators = torch.where(counts > 0, counts, torch.ones_like(counts))  # weighted counts may be below 1
     return (w * sums / denominators).sum(), sums.detach()
 
 
 def step_loss(token_ce: torch.Tensor, token_kd: torch.Tensor | None, token_task: torch.Tensor, weights: list[float],
-              kd_alpha: float, step_counts: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+              kd_alpha: float, step_counts: torch.Tensor, world_size: int,
+              token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss to backpropagate for one micro-batch, and its parts for the log.
 
     token_ce:    [N] cross-entropy of the labelled tokens
@@ -101,8 +107,13 @@ def step_loss(token_ce: torch.Tensor, token_kd: torch.Tensor | None, token_task:
     step_counts: [3] labelled tokens per kind over the whole step, all ranks (see distil_loss)
     world_size:  ranks averaging the gradients: DeepSpeed divides by it, while the counts already span
                  every rank, so the loss is multiplied back
-    Returns (loss, parts [6]: cross-entropy summed per kind, then KD summed per kind).
+    token_weights: [N] per labelled token (its example's weight), or None (all 1); each kind's loss is then
+                 the weighted mean, step_counts the step's sums of weights (task_token_counts)
+    Returns (loss, parts [6]: cross-entropy summed per kind, then KD summed per kind, weighted alike).
     """
+    if token_weights is not None:
+        token_ce = token_ce * token_weights
+        token_kd = token_kd * token_weights if token_kd is not None else None
     token_loss = token_ce if token_kd is None else token_ce + kd_alpha * token_kd
     loss, _ = distil_loss(token_loss, token_task, weights, step_counts)
     kd_sums = task_sums(token_kd, token_task) if token_kd is not None else token_ce.new_zeros(KINDS)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from distil.prompts import TASK_IDS
+from distil.teacher_topk import MISSING_ID
 from distil.tokenization import IGNORE, answer_length
 
 
@@ -56,9 +57,10 @@ def collate_packed(rows: list[list[dict]]) -> dict:
     task_ids (the kind of example: 0 gold summary, 1 extraction, 2 teacher summary) of shape [1, T]; the boundaries for varlen attention
     (attention_inputs); and the example ids for tracing. Examples
     carrying the teacher's top-k (distil/teacher_topk.py) add teacher_ids, teacher_log_probs
-    [1, L, k] and teacher_mask [1, L] over the L labelled positions, in their order.
+    [1, L, k] and teacher_mask [1, L] over the L labelled positions, in their order. Examples with a
+    weight other than 1 (several teachers' answers, distil/combine.py) add token_weights [1, T].
     """
-    input_ids, positions, targets, tasks, ids, lengths = [], [], [], [], [], []
+    input_ids, positions, targets, tasks, ids, lengths, weights = [], [], [], [], [], [], []
     for row in rows:
         for ex in row:
             n = len(ex["input_ids"])
@@ -67,12 +69,15 @@ def collate_packed(rows: list[list[dict]]) -> dict:
             positions += range(n)
             targets += shifted_targets(ex["labels"])
             tasks += [TASK_IDS[ex["task"]]] * n
+            weights += [ex.get("weight", 1.0)] * n
             ids.append(f"{ex['task']}:{ex['id']}")
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
     batch = {"input_ids": as_row(input_ids), "position_ids": as_row(positions),
              "target_ids": as_row(targets), "task_ids": as_row(tasks), "example_ids": ids,
              **varlen_boundaries(lengths)}
     examples = [ex for row in rows for ex in row]
+    if any(ex.get("weight", 1.0) != 1.0 for ex in examples):
+        batch["token_weights"] = torch.tensor(weights, dtype=torch.float32).unsqueeze(0)
     if any(ex.get("teacher_topk") for ex in examples):
         batch.update(teacher_rows(examples))
     return batch
@@ -100,17 +105,19 @@ def teacher_rows(examples: list[dict]) -> dict:
     """The teacher's top-k of every labelled position of `examples`, concatenated in order.
 
     An example without them gets placeholder rows (ids 0..k-1, uniform log-probs: finite, so no NaN
-    reaches the gradient) that teacher_mask leaves out of the loss.
+    reaches the gradient) that teacher_mask leaves out of the loss. Tables narrower than the widest (one
+    teacher's beside several teachers' mixture) are padded with empty columns (MISSING_ID, -inf).
     """
-    k = next(ex["teacher_topk"].k for ex in examples if ex.get("teacher_topk"))
+    k = max(ex["teacher_topk"].k for ex in examples if ex.get("teacher_topk"))
     ids, log_probs, mask = [], [], []
     for ex in examples:
         n = answer_length(ex["labels"])
         entry = ex.get("teacher_topk")
         if entry is not None:
             a, b = entry.read()
-            ids.append(a.astype(np.int64))
-            log_probs.append(b.astype(np.float32))
+            pad = k - a.shape[1]
+            ids.append(np.pad(a.astype(np.int64), ((0, 0), (0, pad)), constant_values=MISSING_ID))
+            log_probs.append(np.pad(b.astype(np.float32), ((0, 0), (0, pad)), constant_values=-np.inf))
         else:
             ids.append(np.broadcast_to(np.arange(k, dtype=np.int64), (n, k)))
             log_probs.append(np.full((n, k), -math.log(k + 1), dtype=np.float32))

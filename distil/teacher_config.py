@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from distil.fingerprint import model_identity
 from distil.options import option, raise_if, require
@@ -141,6 +141,44 @@ class TeacherConfig:
         require(p, self.backend != "openai" or bool(self.api_base), "api_base",
                  "backend openai needs the endpoint, e.g. teacher.api_base=http://host:8000/v1")
         raise_if(p)
+
+
+@dataclass
+class CombineConfig:
+    teachers: list[dict[str, Any]] = option(
+        "More teachers besides the teacher section's: each a mapping of the teacher.* keys in which it differs from "
+        "that section (model at least), plus `name` and `weight`. Stage 1 answers every report with each teacher, into "
+        "the same ledgers (keyed by teacher); Stage 2 combines them (text, topk below). [] = one teacher.",
+        factory=list)
+    name: str = option("Name of the teacher section's teacher among several (logs, the Stage 1 report).", "teacher")
+    weight: float = option("Weight of the teacher section's teacher among several.", 1.0)
+    text: Literal["each", "best_grounded", "consensus"] = option(
+        "How several teachers' key information and summaries of a report become training examples: each = every ok "
+        "answer an example of its own, weighted by its teacher's share; best_grounded = the answer the report "
+        "supports best (Stage 1's grounding score); consensus = the answer with the highest weighted mean ROUGE-L "
+        "against the others' (minimum Bayes risk). Ties: the heavier, then the first teacher.", "each")
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        require(p, self.weight > 0, "weight", f"must be positive, got {self.weight}")
+        names = [self.name] + [t.get("name", f"teacher{i + 2}") for i, t in enumerate(self.teachers)
+                               if isinstance(t, dict)]
+        require(p, len(set(names)) == len(names), "teachers", f"names must differ, got {names}")
+        for i, t in enumerate(self.teachers):
+            if not isinstance(t, dict) or "model" not in t:
+                p.append(f"teachers[{i}]: expected a mapping with at least `model`, got {t!r}")
+            elif not isinstance(t.get("weight", 1.0), (int, float)) or t.get("weight", 1.0) <= 0:
+                p.append(f"teachers[{i}].weight: must be a positive number, got {t.get('weight')!r}")
+        raise_if(p)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """One of the experiment's teachers: its name and weight among them, and its whole teacher section."""
+    name: str
+    weight: float
+    config: TeacherConfig
+    order: int = 0
 
 
 def sampling_params(t: TeacherConfig, attempt: int = 0, task: str = "extract") -> dict:

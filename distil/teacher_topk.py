@@ -113,34 +113,77 @@ class TopkEntry:
         return keep_student_ids(ids, log_probs, self.vocab_size) if self.vocab_size else (ids, log_probs)
 
 
-class TopkStore:
-    """The index of a store: (report id, task) -> TopkEntry, plus the teacher tokenizer's fingerprint.
-    `vocab_size` (Stage 2: token_count of the student's tokenizer, which check_tokenizer proves is the
-    teacher's) makes every entry read only the ids below it."""
+@dataclass(frozen=True)
+class MixedEntry:
+    """Several teachers' entries of one token sequence (the gold summary every teacher scored), read as their
+    weighted mixture (distil.combine.mix_topk): k = the sum of their k, MISSING_ID where a row has fewer ids."""
+    entries: tuple[TopkEntry, ...]
+    weights: tuple[float, ...]
+    vocab_size: int | None = None
 
-    def __init__(self, folder: str | Path, vocab_size: int | None = None):
+    @property
+    def k(self) -> int:
+        return sum(e.k for e in self.entries)
+
+    @property
+    def tokens(self) -> int:
+        return self.entries[0].tokens
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        from distil.combine import mix_topk
+
+        ids, log_probs = mix_topk([e.read() for e in self.entries], list(self.weights))
+        ids, log_probs = ids.astype(ID_DTYPE), log_probs.astype(np.float32)
+        return keep_student_ids(ids, log_probs, self.vocab_size) if self.vocab_size else (ids, log_probs)
+
+
+class TopkStore:
+    """The index of a store: (teacher, report id, task) -> TopkEntry, plus each teacher tokenizer's fingerprint.
+    `vocab_size` (Stage 2: token_count of the student's tokenizer, which check_tokenizer proves is the
+    teacher's) makes every entry read only the ids below it. Several teachers share a store (their index
+    lines are keyed by teacher); `teachers` (identity -> weight; distil.fingerprint) keeps the ones a run
+    trains with, None keeps all."""
+
+    def __init__(self, folder: str | Path, vocab_size: int | None = None, teachers: dict[str, float] | None = None):
         self.folder = Path(folder)
+        self.vocab_size = vocab_size
         index = self.folder / INDEX
         if not index.is_file():
             raise TopkStoreError(f"{index}: no teacher top-k store; run Stage 1 (launch/annotate.py) with "
                                  "teacher.topk_logprobs > 0 and the same data.key_info_path, or set loss.kd_alpha: 0")
-        self.entries: dict[tuple[str, str], TopkEntry] = {}
-        self.teachers: dict[str, str] = {}  # tokenizer fingerprint -> teacher
-        self.k: set[int] = set()
+        self.entries: dict[tuple[str, str, str], TopkEntry] = {}
+        self.tokenizers: dict[str, set[str]] = {}  # teacher -> tokenizer fingerprints
+        self.k: dict[str, set[int]] = {}  # teacher -> top-k sizes
+        self.names: dict[str, str] = {}  # teacher -> teacher.model as written
         for row in read_ledger(index):  # a torn last line of a killed job is skipped (Stage 1 cuts it on resume)
-            self.teachers.setdefault(row["tokenizer"], row.get("teacher_model", row["teacher"]))
-            self.k.add(row["k"])
+            teacher = row["teacher"]
+            if teachers is not None and teacher not in teachers:
+                continue
+            self.names.setdefault(teacher, row.get("teacher_model", teacher))
+            self.tokenizers.setdefault(teacher, set()).add(row["tokenizer"])
+            self.k.setdefault(teacher, set()).add(row["k"])
             for task, place in row["tasks"].items():
-                self.entries[(row["id"], task)] = TopkEntry(str(self.folder / row["file"]), place["offset"],
-                                                            place["tokens"], row["k"], place["sequence"], vocab_size)
-        if len(self.teachers) > 1 or len(self.k) > 1:
-            raise TopkStoreError(f"{index}: holds distributions of several tokenizers {self.teachers} or top-k sizes "
-                                 f"{sorted(self.k)}; Stage 2 needs one: give each teacher its own data.key_info_path")
+                self.entries[(teacher, row["id"], task)] = TopkEntry(
+                    str(self.folder / row["file"]), place["offset"], place["tokens"], row["k"], place["sequence"],
+                    vocab_size)
+        self.weights = teachers if teachers is not None else {t: 1.0 for t in self.names}
+        for teacher in self.names:
+            if len(self.tokenizers[teacher]) > 1 or len(self.k[teacher]) > 1:
+                raise TopkStoreError(f"{index}: holds distributions of teacher {self.names[teacher]} with several "
+                                     f"tokenizers {sorted(self.tokenizers[teacher])} or top-k sizes "
+                                     f"{sorted(self.k[teacher])}; Stage 2 needs one per teacher: rerun Stage 1 for it "
+                                     "into a fresh data.key_info_path")
+
+    @property
+    def teachers(self) -> dict[str, str]:
+        """tokenizer fingerprint -> teacher (teacher.model as written), one per tokenizer."""
+        return {next(iter(fps)): self.names[t] for t, fps in self.tokenizers.items()}
 
     def check_tokenizer(self, tokenizer, student: str) -> None:
-        """Refuse a student whose tokenizer is not the teacher's: the stored ids would mean other tokens."""
+        """Refuse a student whose tokenizer is not every teacher's: the stored ids would mean other tokens."""
         mine = tokenizer_fingerprint(tokenizer)
-        for theirs, teacher in self.teachers.items():
+        for teacher, fingerprints in self.tokenizers.items():
+            theirs, teacher = next(iter(fingerprints)), self.names[teacher]
             if theirs != mine:
                 raise TopkStoreError(
                     f"{self.folder}: the teacher's top-k were written with the tokenizer of {teacher} (fingerprint "
@@ -148,18 +191,24 @@ class TopkStore:
                     "distillation needs a student with the teacher's vocabulary (cross-tokenizer KD is not supported): "
                     "pick such a student (e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-72B-Instruct) or set loss.kd_alpha: 0")
 
-    def lookup(self, example: dict) -> TopkEntry | None:
+    def lookup(self, example: dict) -> TopkEntry | MixedEntry | None:
         """The entry of an encoded example (distil.tokenization.encode_example), None when Stage 1 wrote
         none; an entry computed on another token sequence is an error (another prompt, chat template or
-        train.max_length than Stage 1's)."""
+        train.max_length than Stage 1's). An answer one teacher wrote (example["teacher"]) has that teacher's
+        distributions; a gold summary has those of every teacher that scored it, mixed by weight."""
         record_id, task = example["id"], example["task"]
-        entry = self.entries.get((record_id, task))
-        if entry is None:
+        authors = [example["teacher"]] if example.get("teacher") else list(self.weights)
+        found = [(t, self.entries[(t, record_id, task)]) for t in authors if (t, record_id, task) in self.entries]
+        if not found:
             return None
-        if entry.sequence != sequence_fingerprint(example["input_ids"]) or entry.tokens != answer_length(example["labels"]):
-            raise TopkStoreError(
-                f"{self.folder}: the teacher's distributions for report {record_id!r} ({task}) were computed on "
-                "another token sequence than the one Stage 2 trains on (a different prompt version, chat template, "
-                "train.max_length, key information or prepared data than Stage 1 used); rerun Stage 1 with this "
-                "config into a fresh data.key_info_path, or set loss.kd_alpha: 0")
-        return entry
+        fingerprint = sequence_fingerprint(example["input_ids"])
+        for _, entry in found:
+            if entry.sequence != fingerprint or entry.tokens != answer_length(example["labels"]):
+                raise TopkStoreError(
+                    f"{self.folder}: the teacher's distributions for report {record_id!r} ({task}) were computed on "
+                    "another token sequence than the one Stage 2 trains on (a different prompt version, chat "
+                    "template, train.max_length, key information or prepared data than Stage 1 used); rerun Stage 1 "
+                    "with this config into a fresh data.key_info_path, or set loss.kd_alpha: 0")
+        if len(found) == 1:
+            return found[0][1]
+        return MixedEntry(tuple(e for _, e in found), tuple(self.weights[t] for t, _ in found), self.vocab_size)

@@ -75,6 +75,7 @@ def encode_example(tokenizer, example: dict, max_length: int) -> dict | None:
     return {
         "id": example["id"],
         "task": example["task"],
+        **{key: example[key] for key in ("weight", "teacher") if key in example},
         "input_ids": prompt_ids + answer,
         "labels": assistant_labels(len(prompt_ids), answer),
         "truncated": truncated,

@@ -28,7 +28,7 @@ from distil.atomic import publish_dir, write_json, write_text
 from distil.backend import choose_backend
 from distil.checkpoints import (STUDENT_FILE, FinishedRunError, finished_run_message, latest_complete_checkpoint,
                                 other_student_message, without_tied_copies)
-from distil.config import ExperimentConfig, dump_config
+from distil.config import ExperimentConfig, dump_config, teachers
 from distil.dataset import load_train_rows
 from distil.fingerprint import model_identity
 from distil.kd_loss import KDTerm, token_kd
@@ -36,7 +36,6 @@ from distil.loss import KINDS, chunked, chunked_cross_entropy, kind_weights, ste
 from distil.model_check import check_model_dir
 from distil.packing import attention_inputs, collate_packed
 from distil.preemption import SaveAndStopCallback
-from distil.teacher_config import annotation_key
 from distil.tokenization import IGNORE
 
 log = logging.getLogger(__name__)
@@ -66,8 +65,9 @@ def packed_loss(model, batch: dict, weights: list[float], step_counts: torch.Ten
         divergence = chunked(lambda z, i, lp: token_kd(z, i, lp, kd.beta, kd.temperature), chunk_tokens,
                              logits, batch["teacher_ids"][0], batch["teacher_log_probs"][0])
         kd_per_token = divergence * batch["teacher_mask"][0].to(divergence.dtype)
+    token_weights = batch["token_weights"][0][labelled] if "token_weights" in batch else None
     loss, parts = step_loss(token_ce, kd_per_token, tasks[labelled], weights, kd.alpha if kd else 0.0, step_counts,
-                            world_size)
+                            world_size, token_weights)
     return loss + 0.0 * logits.sum(), parts, outputs  # 0*sum keeps the graph when nothing is labelled
 
 
@@ -100,9 +100,9 @@ class DistilTrainer(Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        counts = torch.zeros(KINDS, dtype=torch.long)
+        counts = torch.zeros(KINDS, dtype=torch.float64)
         for batch in batches:
-            counts += task_token_counts(batch["target_ids"], batch["task_ids"]).cpu()
+            counts += task_token_counts(batch["target_ids"], batch["task_ids"], batch.get("token_weights")).cpu()
         counts = counts.to(device)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
@@ -111,7 +111,7 @@ class DistilTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step_counts = num_items_in_batch
         if step_counts is None:  # outside the training loop (e.g. evaluate): this micro-batch alone
-            step_counts = task_token_counts(inputs["target_ids"], inputs["task_ids"])
+            step_counts = task_token_counts(inputs["target_ids"], inputs["task_ids"], inputs.get("token_weights"))
         loss, sums, outputs = packed_loss(model, inputs, self.weights, step_counts, self.lm_head_chunk_tokens, self.kd,
                                           world_size=self.accelerator.num_processes)
         if model.training:
@@ -119,7 +119,7 @@ class DistilTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, inputs, sums) -> None:
-        counts = task_token_counts(inputs["target_ids"], inputs["task_ids"]).double().cpu()
+        counts = task_token_counts(inputs["target_ids"], inputs["task_ids"], inputs.get("token_weights")).double().cpu()
         kd_tokens = inputs["teacher_mask"].sum().double().cpu().view(1) if "teacher_mask" in inputs else torch.zeros(1)
         self._since_log["sums"] += sums.double().cpu()
         self._since_log["count"] += torch.cat([counts, kd_tokens.double()])
@@ -236,9 +236,8 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     kd = KDTerm(cfg.loss.kd_alpha, cfg.loss.kd_beta, cfg.loss.kd_temperature) if cfg.loss.kd_alpha > 0 else None
     rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
                               cfg.train.max_length, cfg.train.pack_length, kd=kd is not None,
-                              student=cfg.model.name_or_path, annotation=annotation_key(cfg.teacher),
-                              teacher_summary_weight=cfg.loss.teacher_summary_weight,
-                              summary_annotation=annotation_key(cfg.teacher, "summarize"))
+                              student=cfg.model.name_or_path, teachers=teachers(cfg), text_rule=cfg.combine.text,
+                              teacher_summary_weight=cfg.loss.teacher_summary_weight)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, dtype=DTYPES[cfg.train.precision], attn_implementation=backend.attn_implementation)
     config_text = dump_config(cfg)

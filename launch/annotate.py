@@ -31,7 +31,7 @@ from pathlib import Path
 
 from distil.atomic import blocking_file
 from distil.backend import scoped_environ
-from distil.config import ConfigError, load_config
+from distil.config import ConfigError, load_config, teachers
 from distil.data import SPLITS, UNLABELLED, DataError, teacher_summaries_path
 from distil.logs import engine_log_env, setup
 from distil.model_check import ModelInputError, check_model_dir
@@ -55,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{cfg.source}: data.key_info_path={ledger} must name the ledger file Stage 1 writes "
                               "(not a folder, not a prepared split, not under a file), e.g. "
                               "data.key_info_path=runs/key_info.jsonl")
-        if cfg.teacher.backend == "vllm":  # before Ray and the engines start (openai: the model is remote)
-            check_model_dir(cfg.teacher.model, "teacher", "teacher.model")
-        if cfg.teacher.tokenizer:  # it measures and cuts every prompt, whatever the backend
-            check_model_dir(cfg.teacher.tokenizer, "teacher's tokenizer", "teacher.tokenizer", weights=False)
+        for n, teacher in enumerate(teachers(cfg)):  # before Ray and the engines start
+            where = "teacher" if n == 0 else f"combine.teachers[{n - 1}]"
+            if teacher.config.backend == "vllm":  # openai: the model is remote
+                check_model_dir(teacher.config.model, f"teacher {teacher.name}", f"{where}.model")
+            if teacher.config.tokenizer:  # it measures and cuts every prompt, whatever the backend
+                check_model_dir(teacher.config.tokenizer, f"teacher {teacher.name}'s tokenizer", f"{where}.tokenizer",
+                                weights=False)
     except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from distil.ledger import LedgerError
-    from teacher_serving.annotate import annotate
+    from teacher_serving.annotate import annotate, failed
     from teacher_serving.placement import PlacementError
 
     log_file = setup(Path(ledger).with_suffix(".log"), args.verbose)
@@ -73,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, PlacementError, LedgerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"key information: {cfg.data.key_info_path} {summary['status']}")
-    if "teacher_summaries" in summary:
-        print(f"teacher summaries: {teacher_summaries_path(cfg.data.key_info_path)} "
-              f"{summary['teacher_summaries']['status']}")
-    failed = summary["this_run"]["failed"] or summary.get("teacher_summaries", {}).get("this_run", {}).get("failed")
-    return 1 if failed or summary.get("topk", {}).get("failed") else 0
+    for name, one in (summary["teachers"] if "teachers" in summary else {"": summary}).items():
+        who = f" ({name})" if name else ""
+        if "error" in one:
+            print(f"teacher{who}: failed ({one['error']}); rerun to retry it")
+            continue
+        print(f"key information{who}: {cfg.data.key_info_path} {one['status']}")
+        if "teacher_summaries" in one:
+            print(f"teacher summaries{who}: {teacher_summaries_path(cfg.data.key_info_path)} "
+                  f"{one['teacher_summaries']['status']}")
+    return 1 if failed(summary) else 0
 
 
 if __name__ == "__main__":

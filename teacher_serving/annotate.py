@@ -25,11 +25,11 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from distil.atomic import write_json
-from distil.config import ExperimentConfig, TeacherConfig
+from distil.config import ExperimentConfig, TeacherConfig, teachers
 from distil.data import DataError, read_prepared, teacher_summaries_path
 from distil.ledger import Ledger
 from distil.logs import verbose
@@ -37,6 +37,7 @@ from distil.prompts import build_messages
 from distil.teacher_config import annotation_key, is_annotation_of, key_of, record_key, sampling_params
 from teacher_serving.answers import RETRYABLE, classify, key_info_schema
 from teacher_serving.grounding import grounding_score, summarize_grounding
+from teacher_serving.placement import PlacementError
 from teacher_serving.pool import GenerateRequest, StartOnFirstUse, TeacherPool, drive
 from teacher_serving.topk import score
 
@@ -231,13 +232,45 @@ def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict],
 def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: bool = True) -> dict:
     """Annotate every pending report of teacher.splits into data.key_info_path, (teacher.summarize) summarize
     the ones without a gold summary, then (teacher.topk_logprobs) store the teacher's top-k for the answers
-    Stage 2 trains on; returns the summary."""
-    from transformers import AutoTokenizer
-
-    t = cfg.teacher
+    Stage 2 trains on; returns the summary. With several teachers (combine.teachers) each does all of it in
+    turn, on the whole cluster, into the same ledgers; one that fails costs its own answers only (the summary
+    holds its error, the next teacher goes on) and the summary has one entry per teacher."""
     if not cfg.data.key_info_path:
         raise ValueError(f"{cfg.source}: data.key_info_path is null; set it to the ledger file Stage 1 writes "
                          "(e.g. data.key_info_path=runs/key_info.jsonl)")
+    every = teachers(cfg)
+    if len(every) == 1:
+        summary = annotate_teacher(cfg, limit, show_progress)
+    else:
+        summary = {"teachers": {}}
+        for n, teacher in enumerate(every, 1):
+            log.info("teacher %d of %d: %s (%s)", n, len(every), teacher.name, teacher.config.model)
+            try:
+                summary["teachers"][teacher.name] = annotate_teacher(replace(cfg, teacher=teacher.config), limit,
+                                                                     show_progress)
+            except (DataError, PlacementError, ValueError):
+                raise  # bad input (the same reports for every teacher), or a teacher the cluster cannot hold
+            except Exception as exc:  # noqa: BLE001 - an engine that cannot start or dies: this teacher only
+                log.error("teacher %s failed: %s: %s; the other teachers go on, a rerun retries it", teacher.name,
+                          type(exc).__name__, exc)
+                summary["teachers"][teacher.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    write_json(Path(cfg.data.key_info_path).with_suffix(".summary.json"), summary)
+    return summary
+
+
+def failed(summary: dict) -> bool:
+    """Whether a rerun has work to retry: a report, summary or top-k that failed, or a teacher that did."""
+    if "teachers" in summary:
+        return any("error" in one or failed(one) for one in summary["teachers"].values())
+    return bool(summary["this_run"]["failed"] or summary.get("teacher_summaries", {}).get("this_run", {}).get("failed")
+                or summary.get("topk", {}).get("failed"))
+
+
+def annotate_teacher(cfg: ExperimentConfig, limit: int | None, show_progress: bool) -> dict:
+    """Stage 1 for the teacher section's teacher (see annotate)."""
+    from transformers import AutoTokenizer
+
+    t = cfg.teacher
     pool = StartOnFirstUse(lambda: open_pool(cfg))  # started by the first pass with work for it
     with annotation_ledger(cfg.data.key_info_path) as ledger:
         pending, total = load_pending(cfg, ledger, limit)
@@ -265,8 +298,6 @@ def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: boo
             if summaries is not None:
                 summaries.close()
             pool.close()
-    summary_path = Path(cfg.data.key_info_path).with_suffix(".summary.json")
-    write_json(summary_path, summary)
     log.info("ledger %s: %s; grounding per language: %s; this run: %s", cfg.data.key_info_path, summary["status"],
              summary["grounding"], summary["this_run"])
     if "topk" in summary:

@@ -477,6 +477,7 @@ def test_a_student_with_the_smaller_vocabulary_trains_on_them(stage1, tiny_model
     from distil.dataset import load_train_rows
     from distil.kd_loss import KDTerm
     from distil.loss import kind_weights, task_token_counts
+    from distil.config import teachers
     from distil.packing import collate_packed
     from distil.teacher_topk import TopkStore, store_dir
     from distil.trainer import packed_loss
@@ -487,7 +488,7 @@ def test_a_student_with_the_smaller_vocabulary_trains_on_them(stage1, tiny_model
     vocab = student.config.vocab_size
     assert vocab == len(tokenizer) == 2048
     rows, stats = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, 1.0, 512, 1024, kd=True,
-                                  student=str(tiny_model))
+                                  student=str(tiny_model), teachers=teachers(cfg))
     assert stats.teacher_topk == REPORTS and stats.missing_teacher_topk == 0
     batch = collate_packed([rows[0]])
     raw = TopkStore(store_dir(cfg.data.key_info_path))  # the arrays as stored, padded ids included

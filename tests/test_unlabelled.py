@@ -154,27 +154,28 @@ def test_teacher_summaries_need_the_unlabelled_split_and_the_stage1_ledger(tmp_p
     from transformers import AutoTokenizer
 
     from distil.dataset import load_train_rows
-    from distil.teacher_config import TeacherConfig, annotation_key
+    from distil.teacher_config import Teacher, TeacherConfig, annotation_key
 
     prepared = tmp_path / "prepared"
     write_jsonl(prepared / "train.jsonl", read_jsonl(prepared_dir / "train.jsonl")[:2])
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     ledger = tmp_path / "key_info.jsonl"
     args = (tokenizer, str(prepared), str(ledger), 1.0, 512, 1024)
-    annotation = annotation_key(TeacherConfig(model="teacher"), "summarize")
+    teacher = Teacher("teacher", 1.0, TeacherConfig(model="teacher"))
+    annotation = annotation_key(teacher.config, "summarize")
     with pytest.raises(DataError, match="unlabelled.jsonl: not found; loss.teacher_summary_weight > 0"):
-        load_train_rows(*args, summary_annotation=annotation, teacher_summary_weight=1.0)
+        load_train_rows(*args, teachers=[teacher], teacher_summary_weight=1.0)
     write_jsonl(prepared / "unlabelled.jsonl", [dict(r, summary=None, split="unlabelled")
                                                 for r in read_jsonl(prepared_dir / "train.jsonl")[2:4]])
     with pytest.raises(DataError, match=r"key_info.teacher_summaries.jsonl: no teacher summaries; .*teacher.summarize"):
-        load_train_rows(*args, summary_annotation=annotation, teacher_summary_weight=1.0)
+        load_train_rows(*args, teachers=[teacher], teacher_summary_weight=1.0)
     rows, stats = load_train_rows(*args)  # off: the unlabelled reports are not read
     assert stats.teacher_summary_examples == 0 and stats.examples == 2
     # one teacher summary of the two unlabelled reports: one example of the third kind, one counted missing
     unlabelled = read_jsonl(prepared / "unlabelled.jsonl")
     write_jsonl(teacher_summaries_path(ledger), [{"id": unlabelled[0]["id"], "summary": "A short summary.",
                                                   "status": "ok", **annotation}])
-    rows, stats = load_train_rows(*args, summary_annotation=annotation, teacher_summary_weight=1.0)
+    rows, stats = load_train_rows(*args, teachers=[teacher], teacher_summary_weight=1.0)
     assert (stats.examples, stats.teacher_summary_examples, stats.missing_teacher_summary) == (3, 1, 1)
     kinds = sorted(e["task"] for row in rows.rows for e in row)
     assert kinds == ["summarize", "summarize", "teacher_summary"]
