@@ -66,6 +66,9 @@ from distil.data import read_jsonl, write_jsonl  # noqa: E402
 
 ARMS = ("base", "standard", "distil", "standard_matched", "distil_kd")
 TEACHER_ARMS = ("seqkd", "distil_seqkd", "teacher")  # with a trained teacher (--trained-teacher)
+# several teachers: the trained one and --second-teacher, combined (distil/combine.py); each against the single
+# trained teacher's arm it extends
+MULTI_ARMS = {"multi_each": "distil", "multi_best_grounded": "distil", "multi_mixture": "distil_kd"}
 METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "unsupported_numbers", "novel_terms", "repeat4")
 LOWER_IS_BETTER = ("unsupported_numbers", "novel_terms", "repeat4")
 GOLD = ("ref_copy4", "ref_unsupported_numbers", "ref_novel_terms", "ref_repeat4")  # the test references' own rates
@@ -172,17 +175,18 @@ def train_teacher(args, common: list[str], env: dict) -> str:
     return str(out / "hf")
 
 
-def token_budget(cfg, data: Path, key_info: Path, gamma: float, overrides: list[str]) -> dict:
-    """Tokens the arm trains on per epoch: all (compute) and supervised (assistant answers)."""
+def token_budget(cfg, data: Path, key_info: Path, gamma: float) -> dict:
+    """Tokens the arm (its config `cfg`, loss.gamma = `gamma`) trains on per epoch: all (compute) and
+    supervised (assistant answers)."""
     from transformers import AutoTokenizer
 
     from distil.config import teachers
     from distil.dataset import load_train_rows
 
-    weight = next((float(o.split("=", 1)[1]) for o in overrides if o.startswith("loss.teacher_summary_weight=")), 0.0)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
     _, stats = load_train_rows(tokenizer, str(data), str(key_info), gamma, cfg.train.max_length, cfg.train.pack_length,
-                               teachers=teachers(cfg), text_rule=cfg.combine.text, teacher_summary_weight=weight)
+                               teachers=teachers(cfg), text_rule=cfg.combine.text,
+                               teacher_summary_weight=cfg.loss.teacher_summary_weight)
     return {"tokens": stats.tokens, "supervised": stats.labelled_tokens, "rows": stats.rows}
 
 
@@ -264,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-epochs", type=float, default=4.0, help="trained teacher: its epochs")
     parser.add_argument("--teacher-summary-weight", type=float, default=1.0,
                         help="loss.teacher_summary_weight of the seqkd arms")
-    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS)
+    parser.add_argument("--second-teacher", help="trained teacher: the other teacher of the multi_* arms (default: "
+                                                 "the student's base model, model.name_or_path)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS))
     parser.add_argument("--kd-alpha", type=float, default=1.0, help="loss.kd_alpha of the distil_kd arm")
     parser.add_argument("--kd-beta", type=float, default=0.5, help="loss.kd_beta of the distil_kd arm (0.5 = JSD)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
@@ -277,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         args.teacher_reports = 214 if args.trained_teacher else 0
     if args.unlabelled_reports is None:
         args.unlabelled_reports = 100 if args.teacher_reports else 0
-    all_arms = ARMS + TEACHER_ARMS if args.teacher_reports else ARMS
+    all_arms = ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) if args.teacher_reports else ARMS
     args.arms = args.arms or list(all_arms)
-    if not args.teacher_reports and set(args.arms) & set(TEACHER_ARMS):
-        raise SystemExit(f"error: arms {sorted(set(args.arms) & set(TEACHER_ARMS))} need a trained teacher "
+    if not args.teacher_reports and set(args.arms) - set(ARMS):
+        raise SystemExit(f"error: arms {sorted(set(args.arms) - set(ARMS))} need a trained teacher "
                          "(--trained-teacher or --teacher-reports N)")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cfg = load_config(args.config, args.overrides)
@@ -310,19 +316,35 @@ def main(argv: list[str] | None = None) -> int:
             summarize = ["teacher.summarize=true"] if args.teacher_reports else []
             run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
                  f"teacher.splits={splits}", *summarize], args.work / "logs" / "annotate.log", env)
+    second = args.second_teacher or cfg.model.name_or_path
+    if set(args.arms) & set(MULTI_ARMS):  # the second teacher's own Stage 1 (the trained one's is above)
+        run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
+             f"teacher.model={second}", "teacher.splits=[train,unlabelled]", "teacher.summarize=true"],
+            args.work / "logs" / "annotate_second.log", env)
     cfg = load_config(args.config, common[2:])
     epochs = cfg.train.num_epochs
+    both = ["combine.name=trained", f"combine.teachers=[{{model: {second}, name: second, weight: 1.0}}]"]
     seqkd = [f"loss.teacher_summary_weight={args.teacher_summary_weight}"]
     kd = [f"loss.kd_alpha={args.kd_alpha}", f"loss.kd_beta={args.kd_beta}"]
     plan = {"base": None, "teacher": None, "standard": (1.0, []), "distil": (cfg.loss.gamma, []),
-            "distil_kd": (cfg.loss.gamma, kd), "seqkd": (1.0, seqkd), "distil_seqkd": (cfg.loss.gamma, seqkd)}
-    budget = {"standard": token_budget(cfg, data, key_info, 1.0, [])}
+            "distil_kd": (cfg.loss.gamma, kd), "seqkd": (1.0, seqkd), "distil_seqkd": (cfg.loss.gamma, seqkd),
+            "multi_each": (cfg.loss.gamma, [*both, "combine.text=each"]),
+            "multi_best_grounded": (cfg.loss.gamma, [*both, "combine.text=best_grounded"]),
+            "multi_mixture": (cfg.loss.gamma, [*both, "combine.text=each", *kd])}
+    def arm_budget(arm: str) -> dict:
+        gamma, overrides = plan[arm][:2]
+        return token_budget(load_config(args.config, [*common[2:], *overrides]), data, key_info, gamma)
+
+    budget = {"standard": arm_budget("standard")}
     if key_info.is_file():  # written by Stage 1 above; absent when only base / standard are asked for
         for arm in [a for a in ("distil", "seqkd", "distil_seqkd") if a in all_arms]:
-            budget[arm] = token_budget(cfg, data, key_info, *plan[arm])
-        largest = max(budget.values(), key=lambda b: b["supervised"])
+            budget[arm] = arm_budget(arm)
+        wanted = set(args.arms) & set(MULTI_ARMS)  # multi_mixture trains on multi_each's examples
+        for arm in [a for a in ("multi_each", "multi_best_grounded") if a in wanted or (a == "multi_each" and wanted)]:
+            budget[arm] = arm_budget(arm)
+        largest = max((b for arm, b in budget.items() if not arm.startswith("multi")), key=lambda b: b["supervised"])
         plan["standard_matched"] = (1.0, [], round(epochs * largest["supervised"] / budget["standard"]["supervised"], 3))
-    budget_of = {"distil_kd": "distil", "standard_matched": "standard"}
+    budget_of = {"distil_kd": "distil", "standard_matched": "standard", "multi_mixture": "multi_each"}
 
     results_dir = args.keep
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             if (results_dir / f"{arm}.json").is_file()}
     pairs = PAIRS if not args.teacher_reports else tuple(
         (arm, "standard_matched") for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", "teacher"))
+    multi = {f"{arm}_minus_best_single": paired(done[arm]["per_report"], done[single]["per_report"],
+                                                cfg.eval.bootstrap_samples, cfg.eval.seed)
+             for arm, single in MULTI_ARMS.items() if arm in done and single in done}
     report = {
         "config": args.config, "model": cfg.model.name_or_path, "teacher": teacher,
         "train_reports": json.loads((data / "subset.json").read_text()), "test_reports": len(read_jsonl(data / "test.jsonl")),
@@ -381,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         **{arm: {k: v for k, v in r.items() if k != "per_report"} for arm, r in done.items()},
         "paired": {f"{a}_minus_{b}": paired(done[a]["per_report"], done[b]["per_report"],
                                             cfg.eval.bootstrap_samples, cfg.eval.seed)
-                   for a, b in pairs if a in done and b in done},
+                   for a, b in pairs if a in done and b in done} | multi,
+        **({"second_teacher": second} if set(done) & set(MULTI_ARMS) else {}),
     }
     if args.teacher_reports and "teacher" in done and "standard_matched" in done:
         report["gap_closed"] = gap_closed(done, "standard_matched", "teacher", METRICS)
@@ -395,7 +421,7 @@ def gap_closed(done: dict[str, dict], floor: str, teacher: str, metrics) -> dict
     """Per distillation arm and metric, (arm - floor) / (teacher - floor) of the means: 1 = as good as the
     teacher, 0 = no better than the floor; null where the teacher is not better than the floor."""
     out = {}
-    for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd"):
+    for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", *MULTI_ARMS):
         if arm in done:
             out[arm] = {}
             for m in (m for m in metrics if all(m in done[a] for a in (arm, floor, teacher))):

@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{cfg.source}: data.key_info_path={ledger} must name the ledger file Stage 1 writes "
                               "(not a folder, not a prepared split, not under a file), e.g. "
                               "data.key_info_path=runs/key_info.jsonl")
-        for n, teacher in enumerate(teachers(cfg)):  # before Ray and the engines start
+        every = teachers(cfg)
+        for n, teacher in enumerate(every):  # before Ray and the engines start
             where = "teacher" if n == 0 else f"combine.teachers[{n - 1}]"
+            who = f"teacher {teacher.name}" if len(every) > 1 else "teacher"
             if teacher.config.backend == "vllm":  # openai: the model is remote
-                check_model_dir(teacher.config.model, f"teacher {teacher.name}", f"{where}.model")
+                check_model_dir(teacher.config.model, who, f"{where}.model")
             if teacher.config.tokenizer:  # it measures and cuts every prompt, whatever the backend
-                check_model_dir(teacher.config.tokenizer, f"teacher {teacher.name}'s tokenizer", f"{where}.tokenizer",
-                                weights=False)
+                check_model_dir(teacher.config.tokenizer, f"{who}'s tokenizer", f"{where}.tokenizer", weights=False)
     except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -154,7 +154,8 @@ def test_the_trained_teacher_bench_splits_trains_the_teacher_and_distils_its_sum
     command = [sys.executable, str(REPO / "bench" / "quality.py"), "--config", str(config), "--work",
                str(tmp_path / "work"), "--out", str(tmp_path / "quality_teacher.json"), "--keep",
                str(tmp_path / "keep"), "--train-reports", "8", "--test-reports", "4", "--unlabelled-reports", "4",
-               "--teacher-reports", "6", "--teacher-epochs", "1", "--arms", "teacher", "seqkd", "standard_matched"]
+               "--teacher-reports", "6", "--teacher-epochs", "1", "--arms", "teacher", "seqkd", "standard_matched",
+               "distil", "multi_each"]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     work, keep = tmp_path / "work", tmp_path / "keep"
@@ -170,15 +171,19 @@ def test_the_trained_teacher_bench_splits_trains_the_teacher_and_distils_its_sum
     assert sorted(r["id"] for r in summaries) == sorted(r["id"] for r in unlabelled)
     assert {r["teacher"] for r in summaries} == {kept_teacher["identity"]}
     result = json.loads((tmp_path / "quality_teacher.json").read_text())
-    assert set(result) >= {"teacher", "seqkd", "standard_matched", "gap_closed", "teacher_model"}
-    assert set(result["paired"]) == {"seqkd_minus_standard_matched", "teacher_minus_standard_matched"}
-    assert set(result["gap_closed"]) == {"seqkd"}
+    assert set(result) >= {"teacher", "seqkd", "standard_matched", "gap_closed", "teacher_model", "multi_each"}
+    assert set(result["paired"]) == {"seqkd_minus_standard_matched", "teacher_minus_standard_matched",
+                                     "distil_minus_standard_matched", "multi_each_minus_best_single"}
+    assert set(result["gap_closed"]) == {"seqkd", "distil", "multi_each"}
+    # multi_each: the trained teacher's and the second teacher's (the base model's) key information, both
+    ledger = read_jsonl(keep / "key_info.jsonl")
+    assert len({r["teacher"] for r in ledger}) == 2 and result["second_teacher"] == str(tiny_model)
     # standard_matched sees as many supervised tokens as the largest distillation arm
     largest = max(b["supervised"] for arm, b in result["tokens_per_epoch"].items() if arm != "standard")
     assert result["standard_matched"]["train_tokens"] == pytest.approx(largest, rel=0.01)
     # a fresh clone: no teacher folder and no --work arms; the kept Stage 1 outputs and results suffice
     subprocess.run(["rm", "-rf", str(work / "teacher"), str(work / "seqkd"), str(work / "standard_matched"),
-                    str(work / "eval")], check=True)
+                    str(work / "distil"), str(work / "multi_each"), str(work / "eval")], check=True)
     fresh = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 3, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 5, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert json.loads((tmp_path / "quality_teacher.json").read_text())["paired"] == result["paired"]
