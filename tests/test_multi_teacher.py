@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port
-from distil.data import read_jsonl, teacher_summaries_path, write_jsonl
+from distil.data import read_jsonl, teacher_summaries_path
 from distil.fingerprint import model_identity
 from distil.teacher_topk import store_dir
 
@@ -35,25 +35,16 @@ def ray_head():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, prepared_dir, lively_model, tiny_model):
+    from ray_cluster import stage1_with_unlabelled
+
     tmp = tmp_path_factory.mktemp("multi_teacher")
-    prepared = tmp / "prepared"
-    train = read_jsonl(prepared_dir / "train.jsonl")
-    write_jsonl(prepared / "train.jsonl", train[:TRAIN])
-    write_jsonl(prepared / "unlabelled.jsonl",
-                [dict(r, summary=None, split="unlabelled") for r in train[TRAIN:TRAIN + UNLABELLED]])
-    ledger = tmp / "key_info.jsonl"
-    config = tmp / "stage1.yaml"
     # two teachers that differ: the lively one stops at its first "e" (ok answers), the plain tiny one loops
     # (its answers end at max_new_tokens: truncated, retried, recorded as such)
-    config.write_text(yaml.safe_dump({
-        "data": {"prepared_dir": str(prepared), "key_info_path": str(ledger)},
-        "train": {"max_length": 512},
-        "teacher": {"model": str(lively_model), "splits": ["train", "unlabelled"], "summarize": True,
-                    "tensor_parallel_size": 1, "num_replicas": 1, "max_model_len": 1024, "dtype": "float32",
-                    "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 24, "stop": ["e"],
-                    "max_num_seqs": 2, "max_attempts": 1, "topk_logprobs": 4},
-        "combine": {"name": "lively", "weight": 3.0, "teachers": [{"model": str(tiny_model), "name": "tiny",
-                                                                   "weight": 1.0, "stop": ["a"]}]}}))
+    prepared, ledger, config = stage1_with_unlabelled(
+        tmp, read_jsonl(prepared_dir / "train.jsonl"), TRAIN, UNLABELLED,
+        {"model": str(lively_model), "stop": ["e"], "max_num_seqs": 2, "max_attempts": 1, "topk_logprobs": 4},
+        combine={"name": "lively", "weight": 3.0, "teachers": [{"model": str(tiny_model), "name": "tiny",
+                                                                "weight": 1.0, "stop": ["a"]}]})
     return prepared, ledger, config, {model_identity(str(lively_model)): "lively", model_identity(str(tiny_model)): "tiny"}
 
 

