@@ -131,9 +131,10 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
         log.warning("%d examples longer than train.max_length=%d had their report truncated (answers kept whole)",
                     stats.truncated, max_length)
     if stats.missing_teacher_summary:
-        log.warning("%d of %d reports without a gold summary have no teacher summary in %s: not trained on (rerun "
-                    "Stage 1 with teacher.summarize=true)", stats.missing_teacher_summary, len(unlabelled),
-                    key_info_path)
+        log.warning("%d of %d reports without a gold summary have no usable teacher summary in %s: not trained on "
+                    "(a record cut at max_new_tokens or empty keeps its status there; a report without a record gets "
+                    "one when Stage 1 runs again with teacher.summarize=true)", stats.missing_teacher_summary,
+                    len(unlabelled), teacher_summaries_path(key_info_path))
     if stats.missing_teacher_topk:
         log.warning("%d of %d examples have no teacher top-k in %s: trained without the KD term (rerun Stage 1 "
                     "to score them)", stats.missing_teacher_topk, stats.examples, store_dir(key_info_path))

@@ -148,7 +148,8 @@ class CombineConfig:
     teachers: list[dict[str, Any]] = option(
         "More teachers besides the teacher section's: each a mapping of the teacher.* keys in which it differs from "
         "that section (model at least), plus `name` and `weight`. Stage 1 answers every report with each teacher, into "
-        "the same ledgers (keyed by teacher); Stage 2 combines them (text, topk below). [] = one teacher.",
+        "the same ledgers (keyed by teacher); Stage 2 combines their text (combine.text) and their top-k (a weighted "
+        "mixture). [] = one teacher.",
         factory=list)
     name: str = option("Name of the teacher section's teacher among several (logs, the Stage 1 report).", "teacher")
     weight: float = option("Weight of the teacher section's teacher among several.", 1.0)
