@@ -19,6 +19,8 @@ CORE = [
     "tensorboard>=2.15",
     "matplotlib>=3.8",
     "openai>=1.0",  # the remote-teacher backend (teacher.backend: openai)
+    "trl>=1.16,<2",  # DPO after Stage 2 (launch/align.py)
+    "mergekit==0.1.5",  # merging students (launch/merge.py); the first release for transformers 5
 ]
 
 EXTRAS = {

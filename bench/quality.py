@@ -28,6 +28,12 @@ train and unlabelled reports, teacher.summarize for the unlabelled ones, top-k),
   teacher           the teacher itself: the score to transfer
 and standard_matched is matched to the largest distillation arm. Every distillation arm is paired with
 standard_matched, and `gap_closed.<arm>` = (arm - standard_matched) / (teacher - standard_matched).
+After Stage 2 (docs/align.md), from arms already done, each paired with its parents (`parents` in its result):
+  merged            the linear soup (1:1, launch/merge.py) of the best distillation arm by ROUGE-L and
+                    standard_matched
+  dpo               the best fine-tuned arm aligned with DPO (launch/make_pairs.py, launch/align.py): its own
+                    worst samples of the labelled and unlabelled reports rejected, the gold (teacher) summaries
+                    chosen; --dpo-learning-rate, --dpo-beta
 The teacher folder is not kept; its Stage 1 outputs and its fingerprint (teacher_model.json) are, so a
 fresh clone trains the remaining arms without it.
 Each arm is evaluated on the whole test split with the project's evaluation (launch/evaluate.py);
@@ -72,6 +78,10 @@ TEACHER_ARMS = ("seqkd", "distil_seqkd", "teacher")  # with a trained teacher (-
 # several teachers: the trained one and --second-teacher, combined (distil/combine.py); each against the single
 # trained teacher's arm it extends
 MULTI_ARMS = {"multi_each": "distil", "multi_best_grounded": "distil", "multi_mixture": "distil_kd"}
+# after Stage 2 (docs/align.md), from arms already done: `merged` = the linear soup of the best distillation arm and
+# standard_matched, `dpo` = DPO of the best fine-tuned arm against its own worst samples; each paired with its parents
+AFTER_ARMS = ("merged", "dpo")
+DISTILLATION_ARMS = ("distil", "distil_kd", "seqkd", "distil_seqkd")
 METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "unsupported_numbers", "novel_terms", "repeat4")
 LOWER_IS_BETTER = ("unsupported_numbers", "novel_terms", "repeat4")
 GOLD = ("ref_copy4", "ref_unsupported_numbers", "ref_novel_terms", "ref_repeat4")  # the test references' own rates
@@ -239,6 +249,50 @@ def store_size(key_info: Path) -> dict:
     return {"answer_tokens": tokens, "bytes": on_disk, "bytes_per_token": round(on_disk / max(tokens, 1), 1)}
 
 
+def best_arm(keep: Path, arms: tuple[str, ...], wanted_by: str) -> str:
+    """Of `arms`, the one with the highest ROUGE-L among those recorded in `keep`."""
+    scores = {a: json.loads((keep / f"{a}.json").read_text())["rougeL"] for a in arms if (keep / f"{a}.json").is_file()}
+    if not scores:
+        raise SystemExit(f"error: the {wanted_by} arm starts from one of {list(arms)}: run one first (--arms)")
+    return max(scores, key=scores.get)
+
+
+def trained(args, arm: str, wanted_by: str) -> Path:
+    folder = args.work / arm / "hf"
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"error: the {wanted_by} arm needs the model of arm {arm} ({folder}), gone from --work; "
+                         f"delete {args.keep / (arm + '.json')} and rerun with --arms {arm} {wanted_by}")
+    return folder
+
+
+def merge_arms(args, common: list[str], env: dict) -> list[str]:
+    """`merged`: the linear soup (1:1) of the best distillation arm and standard_matched; returns its parents."""
+    parents = [best_arm(args.keep, DISTILLATION_ARMS, "merged"), "standard_matched"]
+    folders = [trained(args, p, "merged") for p in parents]
+    out = args.work / "merged" / "hf"
+    if not (out / "config.json").is_file():
+        models = "[" + ", ".join(f"{{path: {f}}}" for f in folders) + "]"
+        run([sys.executable, "launch/merge.py", "--config", args.config, *common, "merge.method=linear",
+             f"merge.models={models}", f"merge.output_dir={out}"], args.work / "logs" / "merge.log", env)
+    return parents
+
+
+def align_arm(args, common: list[str], max_new: int, env: dict) -> list[str]:
+    """`dpo`: pairs from the best fine-tuned arm's own samples of the labelled and unlabelled reports (the teacher's
+    summary chosen there), then DPO on DeepSpeed; returns its parent."""
+    parent = best_arm(args.keep, ("standard_matched", *DISTILLATION_ARMS), "dpo")
+    work = args.work / "dpo"
+    overrides = [*common, f"align.policy={trained(args, parent, 'dpo')}", f"align.pairs_path={work / 'pairs.jsonl'}",
+                 "align.splits=[train,unlabelled]", f"align.output_dir={work}", f"eval.max_new_tokens={max_new}",
+                 f"align.learning_rate={args.dpo_learning_rate}", f"align.beta={args.dpo_beta}"]
+    if not (work / "hf" / "config.json").is_file():
+        run([sys.executable, "launch/make_pairs.py", "--config", args.config, *overrides],
+            args.work / "logs" / "pairs_dpo.log", env)
+        run([*shlex.split(args.launcher), "launch/align.py", "--config", args.config, *overrides],
+            args.work / "logs" / "align_dpo.log", {**env, "OMP_NUM_THREADS": "1"})
+    return [parent]
+
+
 def check_settings(path: Path, settings: dict) -> None:
     """The arms kept in --keep are only comparable with arms of the same data, config and overrides."""
     if path.is_file() and json.loads(path.read_text()) != settings:
@@ -275,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="loss.teacher_summary_weight of the seqkd arms")
     parser.add_argument("--second-teacher", help="trained teacher: the other teacher of the multi_* arms (default: "
                                                  "the student's base model, model.name_or_path)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS)
+    parser.add_argument("--dpo-learning-rate", type=float, default=2e-6, help="align.learning_rate of the dpo arm")
+    parser.add_argument("--dpo-beta", type=float, default=0.1, help="align.beta of the dpo arm")
     parser.add_argument("--kd-alpha", type=float, default=1.0, help="loss.kd_alpha of the distil_kd arm")
     parser.add_argument("--kd-beta", type=float, default=0.5, help="loss.kd_beta of the distil_kd arm (0.5 = JSD)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
@@ -290,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         args.unlabelled_reports = 200 if args.teacher_reports else 0
     if args.train_reports is None:
         args.train_reports = 60 if args.trained_teacher else 160
-    all_arms = ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) if args.teacher_reports else ARMS
+    all_arms = ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS if args.teacher_reports else ARMS
     args.arms = args.arms or list(all_arms)
     if not args.teacher_reports and set(args.arms) - set(ARMS):
         raise SystemExit(f"error: arms {sorted(set(args.arms) - set(ARMS))} need a trained teacher "
@@ -364,7 +420,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.time()
         train_tokens = {"supervised": 0, "tokens": 0, "epochs": 0}
-        if plan[arm] is not None:
+        parents = []
+        if arm == "merged":
+            parents = merge_arms(args, common, env)
+        elif arm == "dpo":
+            parents = align_arm(args, common, max_new, env)
+        elif plan[arm] is not None:
             gamma, arm_overrides, *arm_epochs = plan[arm]
             arm_epochs = arm_epochs[0] if arm_epochs else epochs
             out = args.work / arm
@@ -384,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                   "train_tokens": train_tokens["supervised"],
                   "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
                   "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1),
+                  **({"parents": parents} if parents else {}),
                   **({"kd": {"alpha": args.kd_alpha, "beta": args.kd_beta, "temperature": 1.0,
                              "topk": cfg.teacher.topk_logprobs, "store": store_size(key_info)}}
                      if arm == "distil_kd" else {}),
@@ -396,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             if (results_dir / f"{arm}.json").is_file()}
     pairs = PAIRS if not args.teacher_reports else tuple(
         (arm, "standard_matched") for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", "teacher"))
+    pairs += tuple((arm, parent) for arm in AFTER_ARMS if arm in done for parent in done[arm].get("parents", []))
     multi = {f"{arm}_minus_best_single": paired(done[arm]["per_report"], done[single]["per_report"],
                                                 cfg.eval.bootstrap_samples, cfg.eval.seed)
              for arm, single in MULTI_ARMS.items() if arm in done and single in done}
@@ -428,7 +491,7 @@ def gap_closed(done: dict[str, dict], floor: str, teacher: str, metrics) -> dict
     """Per distillation arm and metric, (arm - floor) / (teacher - floor) of the means: 1 = as good as the
     teacher, 0 = no better than the floor; null where the teacher is not better than the floor."""
     out = {}
-    for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", *MULTI_ARMS):
+    for arm in (*DISTILLATION_ARMS, *MULTI_ARMS, *AFTER_ARMS):
         if arm in done:
             out[arm] = {}
             for m in (m for m in metrics if all(m in done[a] for a in (arm, floor, teacher))):

@@ -26,18 +26,19 @@ class FinishedRunError(RuntimeError):
 STUDENT_FILE = "student.json"  # in train.output_dir: which model the checkpoints there started from
 
 
-def other_student_message(output_dir: str | Path, identity: str, name: str) -> str | None:
+def other_student_message(output_dir: str | Path, identity: str, name: str, section: str = "train",
+                          model_key: str = "model.name_or_path") -> str | None:
     """Why the checkpoints in `output_dir` are another student's (distil.fingerprint differs), or None: a
-    resume would go on training that one, whatever model.name_or_path says now."""
+    resume would go on training that one, whatever `model_key` says now."""
     path = Path(output_dir) / STUDENT_FILE
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
     if saved.get("identity") == identity:
         return None
-    return (f"train.output_dir={output_dir} holds checkpoints of another student ({saved.get('model')}, "
-            f"{saved.get('identity')}), but model.name_or_path={name} is {identity}: resuming would go on training "
-            "the other one. Use a new train.output_dir for this student, or set model.name_or_path back")
+    return (f"{section}.output_dir={output_dir} holds checkpoints of another student ({saved.get('model')}, "
+            f"{saved.get('identity')}), but {model_key}={name} is {identity}: resuming would go on training "
+            f"the other one. Use a new {section}.output_dir for this student, or set {model_key} back")
 
 
 def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -52,20 +53,20 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def finished_run_message(checkpoint: Path, planned_steps: int, train: TrainConfig) -> str | None:
+def finished_run_message(checkpoint: Path, planned_steps: int, train: TrainConfig, section: str = "train") -> str | None:
     """Why resuming `checkpoint` would do nothing (it reached `planned_steps` and is exported), or None.
 
-    A finished run without train.output_dir/hf (stopped on request at its last step) still has
-    its export to do: None.
+    A finished run without output_dir/hf (stopped on request at its last step) still has its export to do:
+    None. `train` holds the run's output_dir, num_epochs, max_steps and export; `section` names their keys.
     """
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
     if step < planned_steps or (train.export and not (Path(train.output_dir) / "hf").is_dir()):
         return None
-    return (f"train.output_dir={train.output_dir} holds a finished run: {Path(checkpoint).name} already reached the "
-            f"{planned_steps} optimizer steps this config plans (train.num_epochs={train.num_epochs:g}, "
-            f"train.max_steps={train.max_steps}), so resuming it would train nothing. To train again, use a new "
-            "train.output_dir (or delete this one); to train this run further, raise train.num_epochs or "
-            "train.max_steps; to export it again, delete its hf/ folder and rerun")
+    return (f"{section}.output_dir={train.output_dir} holds a finished run: {Path(checkpoint).name} already reached "
+            f"the {planned_steps} optimizer steps this config plans ({section}.num_epochs={train.num_epochs:g}, "
+            f"{section}.max_steps={train.max_steps}), so resuming it would train nothing. To train again, use a new "
+            f"{section}.output_dir (or delete this one); to train this run further, raise {section}.num_epochs or "
+            f"{section}.max_steps; to export it again, delete its hf/ folder and rerun")
 
 
 def without_tied_copies(state_dict: dict, model) -> dict:

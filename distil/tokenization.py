@@ -48,9 +48,15 @@ def assistant_labels(prompt_len: int, answer_ids: list[int]) -> list[int]:
 
 def prompt_ids_within(tokenizer, task: str, lang: str, report: str, budget: int) -> tuple[list[int], bool]:
     """Prompt ids no longer than `budget`, cutting the report's tail when needed."""
+    report, cut = report_within(tokenizer, task, lang, report, budget)
+    return tokenizer(render_prompt(tokenizer, task, lang, report), add_special_tokens=False)["input_ids"], cut
+
+
+def report_within(tokenizer, task: str, lang: str, report: str, budget: int) -> tuple[str, bool]:
+    """The report, its tail cut when needed so that its prompt takes at most `budget` tokens; whether it was cut."""
     ids = tokenizer(render_prompt(tokenizer, task, lang, report), add_special_tokens=False)["input_ids"]
     if len(ids) <= budget:
-        return ids, False
+        return report, False
     report = report.strip()
     offsets = tokenizer(report, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     keep = len(offsets) - (len(ids) - budget)
@@ -58,7 +64,7 @@ def prompt_ids_within(tokenizer, task: str, lang: str, report: str, budget: int)
         cut = offsets[keep][0] if keep < len(offsets) else len(report)
         ids = tokenizer(render_prompt(tokenizer, task, lang, report[:cut]), add_special_tokens=False)["input_ids"]
         if len(ids) <= budget:
-            return ids, True
+            return report[:cut], True
         keep -= len(ids) - budget  # token boundaries may shift by a token or two at the cut
     raise ValueError("prompt without any report is longer than its budget")
 

@@ -71,7 +71,16 @@ def packed_loss(model, batch: dict, weights: list[float], step_counts: torch.Ten
     return loss + 0.0 * logits.sum(), parts, outputs  # 0*sum keeps the graph when nothing is labelled
 
 
-class DistilTrainer(Trainer):
+class KeepTiedWeights:
+    """Trainer mixin: tied weights stay tied in what it saves (under ZeRO 0-2 lm_head.weight arrives as a copy)."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict:
+            state_dict = without_tied_copies(state_dict, self.accelerator.unwrap_model(self.model))
+        super()._save(output_dir, state_dict=state_dict)
+
+
+class DistilTrainer(KeepTiedWeights, Trainer):
     """Trainer whose loss is the distil-tuning loss; everything else is the stock Trainer."""
 
     # compute_loss already divides by the step's token counts, so no further 1/GAS scaling.
@@ -148,12 +157,6 @@ class DistilTrainer(Trainer):
             logs["tokens_per_s"] = round(tokens / max(elapsed, 1e-9), 1)
             self._since_log = self._fresh_log()
         super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Keep tied weights tied in the saved model (under ZeRO 0-2 lm_head.weight arrives as a copy)."""
-        if state_dict:
-            state_dict = without_tied_copies(state_dict, self.accelerator.unwrap_model(self.model))
-        super()._save(output_dir, state_dict=state_dict)
 
 
 class SaveConfigCallback(TrainerCallback):
@@ -275,12 +278,17 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
         return None
     if not cfg.train.export:
         return None
-    hf_dir = Path(cfg.train.output_dir) / "hf"
-    staged = hf_dir.with_name(".hf.new")  # one name on every rank: save_model is collective under ZeRO-3
-    if args.process_index == 0:
+    return export_model(trainer, Path(cfg.train.output_dir) / "hf", "exported student", "train.output_dir")
+
+
+def export_model(trainer: Trainer, hf_dir: Path, role: str, key: str) -> Path | None:
+    """The trained model, consolidated, swapped in at `hf_dir` whole and checked like any model input before
+    it is announced; returns it on rank 0 (None on the others). Collective: every rank calls it."""
+    staged = hf_dir.with_name(f".{hf_dir.name}.new")  # one name on every rank: save_model is collective under ZeRO-3
+    if trainer.args.process_index == 0:
         shutil.rmtree(staged, ignore_errors=True)  # a killed export's leftovers
     trainer.save_model(str(staged))  # consolidated: ZeRO-3 gathers the weights (see ds_configs/zero3.json)
-    if args.process_index == 0:  # swapped in whole, then checked like any model input before it is announced
+    if trainer.args.process_index == 0:
         publish_dir(staged, hf_dir)
-        check_model_dir(hf_dir, "exported student", "train.output_dir")
-    return hf_dir if args.process_index == 0 else None
+        check_model_dir(hf_dir, role, key)
+    return hf_dir if trainer.args.process_index == 0 else None

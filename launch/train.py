@@ -13,7 +13,6 @@ input (config, student model, ledger, finished run) before any step, 1 = a failu
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from distil.data import DataError
 from distil.ledger import LedgerError
 from distil.logs import route_libraries, setup
 from distil.model_check import ModelInputError, check_model_dir
+from distil.ranks import close_process_groups, enable_stack_dumps, exit_now, leave_together
 from distil.teacher_topk import TopkStoreError
 
 LAUNCH_HINT = "deepspeed --num_gpus N launch/train.py --config CONFIG.yaml [--deepspeed ds_configs/zero2.json]"
@@ -38,10 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print DeepSpeed's and transformers' logs too")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. loss.gamma=1.0")
     args = parser.parse_args(argv)
-    try:  # a rank killed by a signal prints every thread's Python stack
-        faulthandler.enable(all_threads=True)
-    except (AttributeError, ValueError, OSError):  # no file descriptor behind sys.stderr (an in-process caller)
-        pass
+    enable_stack_dumps()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         print(f"error: launch/train.py runs under the DeepSpeed launcher:\n  {LAUNCH_HINT}", file=sys.stderr)
         return 2
@@ -73,34 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_groups()
     if hf_dir:
         print(f"model: {hf_dir}")
     return 0
-
-
-def leave_together() -> None:
-    """Every rank waits here until rank 0 has exported and checked the model, so no rank closes its
-    process groups while a peer still uses them."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def exit_now(code: int) -> None:
-    """Flush what the rank printed and logged, then end the process without the interpreter's teardown.
-    Everything the rank writes is on disk by now (atomic writes, checked export); the teardown only runs
-    the destructors of native threads (gloo, DeepSpeed's ops) in no set order, and it has aborted a
-    finished rank ("terminate called without an active exception", exit -6: rank 1 of the two-node
-    ZeRO-3 test, in two full-suite runs) after its work was done."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

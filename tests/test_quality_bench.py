@@ -74,7 +74,7 @@ def test_quality_bench_runs_all_arms_and_resumes(tmp_path, tiny_model):
                     str(tmp_path / "work" / "standard_matched"), str(tmp_path / "work" / "distil_kd"),
                     str(tmp_path / "work" / "eval")], check=True)
     fresh = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 5, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 7, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert json.loads((tmp_path / "quality.json").read_text())["paired"] == result["paired"]
     other = subprocess.run([*command, "train.learning_rate=1e-3"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "other settings" in other.stdout + other.stderr
@@ -155,7 +155,7 @@ def test_the_trained_teacher_bench_splits_trains_the_teacher_and_distils_its_sum
                str(tmp_path / "work"), "--out", str(tmp_path / "quality_teacher.json"), "--keep",
                str(tmp_path / "keep"), "--train-reports", "8", "--test-reports", "4", "--unlabelled-reports", "4",
                "--teacher-reports", "6", "--teacher-epochs", "1", "--arms", "teacher", "seqkd", "standard_matched",
-               "distil", "multi_each"]
+               "distil", "multi_each", "merged", "dpo"]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     work, keep = tmp_path / "work", tmp_path / "keep"
@@ -171,10 +171,19 @@ def test_the_trained_teacher_bench_splits_trains_the_teacher_and_distils_its_sum
     mine = [r["id"] for r in summaries if r["teacher"] == kept_teacher["identity"]]
     assert sorted(mine) == sorted(r["id"] for r in unlabelled) and len(summaries) == 2 * len(unlabelled)
     result = json.loads((tmp_path / "quality_teacher.json").read_text())
-    assert set(result) >= {"teacher", "seqkd", "standard_matched", "gap_closed", "teacher_model", "multi_each"}
+    assert set(result) >= {"teacher", "seqkd", "standard_matched", "gap_closed", "teacher_model", "multi_each",
+                           "merged", "dpo"}
+    # merged: the soup of the better of distil / seqkd and standard_matched; dpo: the best of the three, aligned
+    best = max(("distil", "seqkd"), key=lambda arm: result[arm]["rougeL"])
+    assert result["merged"]["parents"] == [best, "standard_matched"]
+    assert result["dpo"]["parents"] == [max(("distil", "seqkd", "standard_matched"), key=lambda a: result[a]["rougeL"])]
     assert set(result["paired"]) == {"seqkd_minus_standard_matched", "teacher_minus_standard_matched",
-                                     "distil_minus_standard_matched", "multi_each_minus_best_single"}
-    assert set(result["gap_closed"]) == {"seqkd", "distil", "multi_each"}
+                                     "distil_minus_standard_matched", "multi_each_minus_best_single",
+                                     f"merged_minus_{best}", "merged_minus_standard_matched",
+                                     f"dpo_minus_{result['dpo']['parents'][0]}"}
+    assert set(result["gap_closed"]) == {"seqkd", "distil", "multi_each", "merged", "dpo"}
+    pairs = read_jsonl(work / "dpo" / "pairs.jsonl")  # the labelled reports' and the unlabelled ones' with a summary
+    assert {r["chosen_from"] for r in pairs} == {"gold", "teacher"} and len(pairs) > len(student)
     # multi_each: the trained teacher's and the second teacher's (the base model's) key information, both
     ledger = read_jsonl(keep / "key_info.jsonl")
     assert len({r["teacher"] for r in ledger}) == 2 and result["second_teacher"] == str(tiny_model)
@@ -187,5 +196,5 @@ def test_the_trained_teacher_bench_splits_trains_the_teacher_and_distils_its_sum
     subprocess.run(["rm", "-rf", str(work / "teacher"), str(work / "seqkd"), str(work / "standard_matched"),
                     str(work / "distil"), str(work / "multi_each"), str(work / "eval")], check=True)
     fresh = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 5, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert fresh.returncode == 0 and fresh.stdout.count("done before") == 7, fresh.stdout[-3000:] + fresh.stderr[-3000:]
     assert json.loads((tmp_path / "quality_teacher.json").read_text())["paired"] == result["paired"]

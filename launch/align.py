@@ -1,0 +1,88 @@
+"""Align a distil-tuned student with DPO (TRL) on DeepSpeed ZeRO: its own worst samples rejected, the gold
+(or teacher) summaries chosen. A step after Stage 2 and launch/make_pairs.py (docs/align.md).
+
+    python launch/make_pairs.py --config CONFIG.yaml
+    deepspeed --num_gpus N launch/align.py --config CONFIG.yaml [--deepspeed ds_configs/zero3.json]
+
+Resumes from the newest complete checkpoint in align.output_dir (a finished run there is an error:
+nothing would be trained); writes the aligned Hugging Face model to align.output_dir/hf. On CPU export
+OMP_NUM_THREADS=1. Exit status 0 = aligned and the exported model checked, 2 = bad input (config, policy
+or reference folder, pairs, a finished run) before any step, 1 = a failure a rerun resumes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from distil.align_config import policy_path
+from distil.atomic import blocking_file
+from distil.checkpoints import FinishedRunError
+from distil.config import ConfigError, check_training, load_config
+from distil.data import DataError
+from distil.ledger import LedgerError
+from distil.logs import route_libraries, setup
+from distil.model_check import ModelInputError, check_model_dir
+from distil.ranks import close_process_groups, enable_stack_dumps, exit_now, leave_together
+
+LAUNCH_HINT = "deepspeed --num_gpus N launch/align.py --config CONFIG.yaml [--deepspeed ds_configs/zero3.json]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides train.deepspeed)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("--verbose", action="store_true", help="print DeepSpeed's, transformers' and TRL's logs too")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. align.beta=0.2")
+    args = parser.parse_args(argv)
+    enable_stack_dumps()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print(f"error: launch/align.py runs under the DeepSpeed launcher:\n  {LAUNCH_HINT}", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
+    try:
+        cfg = load_config(args.config, overrides)
+        check_training(without_ledger(cfg))  # the DeepSpeed JSON
+        if blocker := blocking_file(cfg.align.output_dir):
+            raise ConfigError(f"{cfg.source}: align.output_dir={cfg.align.output_dir}: {blocker} is a file; pass a "
+                              "folder for the checkpoints and the aligned model")
+        policy = policy_path(cfg.align, cfg.train.output_dir)
+        check_model_dir(policy, "policy to align", "align.policy" if cfg.align.policy else
+                        "train.output_dir (its hf/ export; or set align.policy)")
+        if cfg.align.reference:
+            check_model_dir(cfg.align.reference, "DPO reference", "align.reference")
+    except (ConfigError, ModelInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank = int(os.environ["RANK"])
+    setup(Path(cfg.align.output_dir) / "align.log", args.verbose, logging.INFO if rank == 0 else logging.ERROR,
+          f"%(asctime)s rank{rank} %(name)s: %(message)s")
+    from distil.align import align
+
+    route_libraries()
+    try:
+        hf_dir = align(cfg)
+        leave_together()
+    except (ConfigError, DataError, FinishedRunError, LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        close_process_groups()
+    if hf_dir:
+        print(f"model: {hf_dir}")
+    return 0
+
+
+def without_ledger(cfg):
+    """The config as check_training sees an alignment run: no Stage 1 ledger is read."""
+    from dataclasses import replace
+
+    return replace(cfg, loss=replace(cfg.loss, gamma=1.0, kd_alpha=0.0, teacher_summary_weight=0.0))
+
+
+if __name__ == "__main__":
+    exit_now(main())
