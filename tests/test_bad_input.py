@@ -26,6 +26,7 @@ from launch import evaluate as launch_evaluate
 from launch import export as launch_export
 from launch import plan as launch_plan
 from launch import prepare_data
+from launch import summarize as launch_summarize
 from launch import train as launch_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,6 +293,27 @@ def test_annotate_never_writes_into_its_input_and_refuses_no_reports(tmp_path, p
     assert launch_annotate.main(["--config", CONFIG, "--no-progress", f"data.prepared_dir={empty}",
                                  f"teacher.model={tiny_model}", f"data.key_info_path={tmp_path / 'k.jsonl'}"]) == 2
     assert f"no reports in {empty} for teacher.splits ['train', 'valid', 'test']" in capsys.readouterr().err
+
+
+def test_summarize_never_writes_into_its_input(tmp_path, prepared_dir, tiny_model, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    reports = tmp_path / "reports.jsonl"
+    write_jsonl(reports, read_jsonl(prepared_dir / "test.jsonl")[:3])
+    before = files_under(tmp_path)
+    model = ["--model", str(tiny_model), "--no-progress", "eval.backend=hf", "eval.device=cpu"]
+    # a prepared split, whether the input is its folder or not, and a split the folder does not have yet
+    for output in (data / "test.jsonl", data / "unlabelled.jsonl"):
+        for source in (data, reports):
+            assert launch_summarize.main([*model, "--input", str(source), "--output", str(output)]) == 2
+            err = capsys.readouterr().err
+            assert f"--output {output} is a prepared split ({output.name} of {data})" in err
+            assert "write the summaries to a file of their own" in err
+    # the input file itself, spelt another way
+    spelt = f"{tmp_path}/./{reports.name}"
+    assert launch_summarize.main([*model, "--input", str(reports), "--output", spelt]) == 2
+    assert f"--output {spelt} is the --input file itself" in capsys.readouterr().err
+    assert files_under(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------
