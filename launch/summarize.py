@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer with a chat template)")
     parser.add_argument("--input", required=True, help="prepared folder, JSON/JSONL file, or release folder")
-    parser.add_argument("--output", required=True, help="JSONL of summaries (appended to, resumable; not the input, not a prepared split)")
+    parser.add_argument("--output", required=True,
+                        help="JSONL of summaries (appended to, resumable; not the input, not a prepared split)")
     parser.add_argument("--config", help="experiment YAML (its eval section: engine, decoding); default: the defaults")
     parser.add_argument("--split", nargs="+", choices=PREPARED, help="of a prepared folder: these splits only")
     parser.add_argument("--limit", type=int, help="the first N reports of the input only")
