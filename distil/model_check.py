@@ -24,6 +24,9 @@ FETCH = "python launch/fetch_model.py"
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ROLE_TOKEN = re.compile(r"<\|[^\s<>|]+\|>")
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.safetensors.index.json")
+# what save_pretrained writes for a model and its tokenizer: a folder holding only these may be replaced whole
+MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|tokenizer.*|"
+                        r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|merges\.txt)$")
 
 
 class ModelInputError(ValueError):

@@ -11,18 +11,12 @@ any model input. Exit status 0 = exported and checked, 2 = bad input, 1 = the ex
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from distil.atomic import foreign_files
 from distil.checkpoints import check_checkpoint, export_checkpoint
-from distil.model_check import ModelInputError, check_model_dir
-
-
-# what save_pretrained writes for a model and its tokenizer: a folder holding only these may be replaced
-MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|tokenizer.*|"
-                        r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|merges\.txt)$")
+from distil.model_check import MODEL_FILE, ModelInputError, check_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from distil.teacher_config import annotation_key
 from launch import annotate as launch_annotate
 from launch import evaluate as launch_evaluate
 from launch import export as launch_export
+from launch import make_tiny_model
 from launch import plan as launch_plan
 from launch import prepare_data
 from launch import summarize as launch_summarize
@@ -163,6 +164,32 @@ def test_annotate_reuses_records_of_the_same_teacher_spelt_otherwise(tmp_path, p
 
 # ---------------------------------------------------------------------------------------------
 # 4. Success is reported only for an output that exists and is whole.
+
+
+def test_make_tiny_model_rebuilds_a_folder_a_killed_run_left_half_written(tmp_path, prepared_dir, tiny_model, capsys):
+    out = tmp_path / "runs" / "init"
+    out.mkdir(parents=True)
+    shutil.copy(tiny_model / "config.json", out / "config.json")  # killed after config.json, before the weights
+    argv = ["--config", CONFIG, f"data.prepared_dir={prepared_dir}", f"model.name_or_path={out}"]
+    assert make_tiny_model.main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"{out} is not a whole model, building it again" in captured.err
+    assert "config.json but no weights" in captured.err
+    assert captured.out.strip() == f"model: {out}"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["init"]  # built beside it, swapped in, no leftovers
+    assert "model.safetensors" in files_under(out) and "tokenizer.json" in files_under(out)
+    before = files_under(out)
+    assert make_tiny_model.main(argv) == 0  # whole now: done, nothing written
+    assert capsys.readouterr().out.strip() == f"model: {out} (exists, checked)"
+    assert files_under(out) == before
+
+    (out / "notes.txt").write_text("mine")  # --force would replace the folder as a whole
+    assert make_tiny_model.main([*argv, "--force"]) == 2
+    assert f"model.name_or_path={out} holds more than a model (['notes.txt'])" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert make_tiny_model.main([*argv, f"model.name_or_path={blocker / 'init'}"]) == 2
+    assert f"model.name_or_path={blocker / 'init'}: {blocker} is a file" in capsys.readouterr().err
 
 
 def test_export_refuses_an_output_that_is_a_file(tmp_path, capsys):
@@ -393,6 +420,7 @@ def test_plan_prints_no_settings_when_nothing_fits(capsys):
 
 
 def test_every_launcher_documents_its_exit_status():
-    for name in ("prepare_data", "annotate", "train", "evaluate", "export", "plan", "fetch_model"):
+    for name in ("prepare_data", "annotate", "train", "evaluate", "export", "plan", "fetch_model", "summarize",
+                 "make_tiny_model", "slurm_args"):
         doc = (REPO / "launch" / f"{name}.py").read_text().split('"""')[1]
         assert "Exit status" in doc, name
