@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from distil.config import ExperimentConfig, load_config
+from distil.config import ExperimentConfig, load_config, teachers
 from distil.data import read_jsonl, write_jsonl
 from distil.teacher_config import annotation_key
 from launch import annotate as launch_annotate
@@ -383,6 +383,20 @@ def test_every_numeric_setting_refuses_a_huge_negative_and_infinity():
             except ValueError:
                 pass
     assert accepted == []
+
+
+@pytest.mark.parametrize("weight", [".inf", ".nan", "-1", "0", "true", "heavy"])
+def test_a_teachers_weight_must_be_a_finite_positive_number(tmp_path, weight, capsys):
+    extra = f"combine.teachers=[{{model: other, weight: {weight}}}]"
+    assert launch_annotate.main(["--config", CONFIG, f"data.key_info_path={tmp_path / 'k.jsonl'}", extra]) == 2
+    assert "combine.teachers[0].weight: must be a finite positive number, got" in capsys.readouterr().err
+    assert not (tmp_path / "k.jsonl").exists()
+
+
+def test_a_teachers_weight_in_e_notation_is_a_number():
+    """YAML 1.1 reads 1e300 (no dot) as a string; it is read as the number, as every float setting is."""
+    cfg = load_config(CONFIG, ["combine.teachers=[{model: other, weight: 1e300}]"])
+    assert [t.weight for t in teachers(cfg)] == [1.0, 1e300]
 
 
 # ---------------------------------------------------------------------------------------------
