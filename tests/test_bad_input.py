@@ -166,6 +166,22 @@ def test_annotate_reuses_records_of_the_same_teacher_spelt_otherwise(tmp_path, p
 # 4. Success is reported only for an output that exists and is whole.
 
 
+def test_outputs_under_a_file_are_refused_by_prepare_and_export(tmp_path, capsys):
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where a folder must be")
+    assert prepare_data.main(["--input", str(SAMPLE), "--output", str(blocker / "prepared")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {blocker / 'prepared'}: {blocker} is a file; pass a folder that is not under a file" in err
+    assert prepare_data.main([f"data.prepared_dir={blocker / 'prepared'}", "--input", str(SAMPLE)]) == 2
+    assert f"data.prepared_dir={blocker / 'prepared'}: {blocker} is a file" in capsys.readouterr().err
+    assert launch_export.main(["--checkpoint", str(tmp_path / "checkpoint-4"), "--output", str(blocker / "hf")]) == 2
+    captured = capsys.readouterr()
+    assert f"--output {blocker / 'hf'}: {blocker} is a file; pass a folder that is not under a file" in captured.err
+    assert "model:" not in captured.out and "Traceback" not in captured.err
+    assert blocker.read_text() == "a file where a folder must be"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging folder left beside it
+
+
 def test_make_tiny_model_rebuilds_a_folder_a_killed_run_left_half_written(tmp_path, prepared_dir, tiny_model, capsys):
     out = tmp_path / "runs" / "init"
     out.mkdir(parents=True)
