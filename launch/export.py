@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distil.atomic import foreign_files
+from distil.atomic import blocking_file, foreign_files
 from distil.checkpoints import check_checkpoint, export_checkpoint
 from distil.model_check import MODEL_FILE, ModelInputError, check_model_dir
 
@@ -26,9 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         output = Path(args.output)
-        if output.exists() and not output.is_dir():
+        blocker = blocking_file(output)
+        if blocker == output:
             raise ModelInputError(f"--output {output} is a file; pass a folder for the model (created, or replaced "
                                   "as a whole)")
+        if blocker:
+            raise ModelInputError(f"--output {output}: {blocker} is a file; pass a folder that is not under a file, "
+                                  "e.g. --output <train.output_dir>/hf-step<N>")
         foreign = foreign_files(output, MODEL_FILE.match)
         if foreign:  # e.g. the checkpoint itself, or a whole train.output_dir: replacing it would delete them
             raise ModelInputError(f"--output {output} holds more than a model ({foreign[:4]}), and the export replaces "

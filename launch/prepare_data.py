@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distil.atomic import foreign_files, publish_dir, staging_dir, write_json
+from distil.atomic import blocking_file, foreign_files, publish_dir, staging_dir, write_json
 from distil.config import ConfigError, load_config
 from distil.data import SPLITS, UNLABELLED, DataError, crop, dataset_stats, format_stats, load_sources, split_records, write_jsonl
 
@@ -29,20 +29,25 @@ PREPARED = (*SPLITS, UNLABELLED)
 OWN_FILES = {f"{split}.jsonl" for split in PREPARED} | {"manifest.json"}
 
 
-def check_paths(inputs: list[str], output: Path) -> None:
-    """An input inside the output folder (or the folder itself) would be replaced by its own split."""
+def check_paths(inputs: list[str], output: Path, where: str) -> None:
+    """An input inside the output folder (or the folder itself) would be replaced by its own split; an output
+    under a file would end in a traceback at the first write. `where` names it as the user set it."""
     out = output.resolve()
     for source in map(Path, inputs):
         src = source.resolve()
         if src == out or out in src.parents:
-            raise DataError(f"--input {source} and --output {output}: the input is inside the output folder, and "
+            raise DataError(f"--input {source} and {where}: the input is inside the output folder, and "
                             "preparing replaces that folder as a whole; write the prepared splits to another "
                             "folder, e.g. --output data/prepared")
-    if output.exists() and not output.is_dir():
-        raise DataError(f"--output {output} is a file; pass a folder (it is created, or replaced as a whole)")
+    blocker = blocking_file(output)
+    if blocker == output:
+        raise DataError(f"{where} is a file; pass a folder (it is created, or replaced as a whole)")
+    if blocker:
+        raise DataError(f"{where}: {blocker} is a file; pass a folder that is not under a file, e.g. "
+                        "--output data/prepared")
     foreign = foreign_files(output, OWN_FILES.__contains__)
     if foreign:
-        raise DataError(f"--output {output} holds files prepare_data did not write ({foreign[:5]}), and preparing "
+        raise DataError(f"{where} holds files prepare_data did not write ({foreign[:5]}), and preparing "
                         "replaces the folder as a whole; move them out, or write to another folder")
 
 
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_config(args.config, args.overrides).data
         inputs = args.input or data.sources
         output = Path(args.output or data.prepared_dir)
-        check_paths(inputs, output)
+        check_paths(inputs, output, f"--output {output}" if args.output else f"data.prepared_dir={output}")
         records = load_sources(inputs, data.languages)
         if not records:
             raise DataError(f"no reports in {inputs} (languages {data.languages}); nothing was written, "

@@ -5,6 +5,7 @@ DISTIL_SLURM_<KEY> environment variables and section.key=value overrides. Used b
     python launch/slurm_args.py vars launch/configs/tiny_cpu.yaml
 
 `sbatch` prints one option per line; `vars` prints DISTIL_*=value shell assignments.
+Exit status 0 = printed, 2 = a config error (its key and the fix named; nothing printed on stdout).
 """
 
 from __future__ import annotations

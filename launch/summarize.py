@@ -46,6 +46,18 @@ def read_input(path: str, splits: list[str] | None, languages: list[str]) -> lis
     return load_sources([path], languages)
 
 
+def own_input(output: Path, path: str) -> str | None:
+    """Why --output would write into what this run reads (the --input file, a prepared split), or None:
+    appended summary rows would corrupt it, and its ids would count as done."""
+    target = output.resolve()
+    if target == Path(path).resolve():
+        return "the --input file itself"
+    if target.name in {f"{s}.jsonl" for s in PREPARED} and any(
+            (target.parent / f"{s}.jsonl").is_file() for s in PREPARED):
+        return f"a prepared split ({target.name} of {target.parent})"
+    return None
+
+
 def max_model_len(model: str, configured: int) -> int:
     """eval.max_model_len, capped at the model's own context (vLLM refuses a longer one)."""
     config = Path(model) / "config.json"
@@ -59,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder (config.json, weights, tokenizer with a chat template)")
     parser.add_argument("--input", required=True, help="prepared folder, JSON/JSONL file, or release folder")
-    parser.add_argument("--output", required=True, help="JSONL of summaries (appended to, resumable)")
+    parser.add_argument("--output", required=True,
+                        help="JSONL of summaries (appended to, resumable; not the input, not a prepared split)")
     parser.add_argument("--config", help="experiment YAML (its eval section: engine, decoding); default: the defaults")
     parser.add_argument("--split", nargs="+", choices=PREPARED, help="of a prepared folder: these splits only")
     parser.add_argument("--limit", type=int, help="the first N reports of the input only")
@@ -73,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--limit {args.limit}: must be a positive number of reports (leave it out for all)")
         if output.is_dir() or blocking_file(output.parent):
             raise ConfigError(f"--output {output}: must be a JSONL file path (not a folder, not under a file)")
+        clash = own_input(output, args.input)
+        if clash:
+            raise ConfigError(f"--output {args.output} is {clash}: summarize never writes into its input; "
+                              "write the summaries to a file of their own, e.g. --output summaries.jsonl")
         cfg = load_config(args.config, args.overrides)
         records = read_input(args.input, args.split, cfg.data.languages)
         if not records:

@@ -1,8 +1,11 @@
 # Sourced by slurm/*.sbatch from the repository root: arguments, the Python environment, the
 # config's values (launch/slurm_args.py vars), node addresses and per-job ports.
 # Sets CONFIG, OVERRIDES and the DISTIL_* variables of distil/slurm_args.py:stage_variables.
+# Exit status (docs/install.md, "Exit status"): 0 = done, 2 = a user error whose fix the message names
+# (die), 1 = a failure a resubmission may cure (fail); a stage's own command passes its 1 or 2 through.
 
 die() { echo "error: $*" >&2; exit 2; }
+fail() { echo "error: $*" >&2; exit 1; }
 log() { echo "[$(date '+%F %T') ${SLURM_JOB_NAME:-distil} ${SLURM_JOB_ID:-}] $*"; }
 
 [[ $# -ge 1 ]] || die "usage: sbatch slurm/$(basename "${0%.*}").sbatch CONFIG.yaml [section.key=value ...]"
@@ -49,7 +52,7 @@ job_port() {
 check_ports_free() {
   local addr=$1
   shift
-  python - "$addr" "$@" <<'PY' || die "port(s) above are in use on $(hostname -s); resubmit (the job id picks the ports)"
+  python - "$addr" "$@" <<'PY' || fail "port(s) above are in use on $(hostname -s); resubmit (the job id picks the ports)"
 import socket, sys
 busy = []
 for port in map(int, sys.argv[2:]):

@@ -64,7 +64,8 @@ for stage in "${STAGES[@]}"; do
     echo "JOB_$stage=\$(${line% })"
     previous="\$JOB_$stage"
   else
-    job=$("${command[@]}") || die "sbatch of $stage failed (see above)"
+    job=$("${command[@]}") || die "sbatch of $stage failed (its reason is above): fix the option it names in the" \
+      "config's slurm section (docs/slurm.md), or rerun once the SLURM controller answers"
     job=${job%%;*}
     echo "$stage $job"
     previous=$job

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from distil.config import ExperimentConfig, load_config
+from distil.config import ExperimentConfig, load_config, teachers
 from distil.data import read_jsonl, write_jsonl
 from distil.teacher_config import annotation_key
 from launch import annotate as launch_annotate
 from launch import evaluate as launch_evaluate
 from launch import export as launch_export
+from launch import make_tiny_model
 from launch import plan as launch_plan
 from launch import prepare_data
+from launch import summarize as launch_summarize
 from launch import train as launch_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +166,48 @@ def test_annotate_reuses_records_of_the_same_teacher_spelt_otherwise(tmp_path, p
 # 4. Success is reported only for an output that exists and is whole.
 
 
+def test_outputs_under_a_file_are_refused_by_prepare_and_export(tmp_path, capsys):
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where a folder must be")
+    assert prepare_data.main(["--input", str(SAMPLE), "--output", str(blocker / "prepared")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {blocker / 'prepared'}: {blocker} is a file; pass a folder that is not under a file" in err
+    assert prepare_data.main([f"data.prepared_dir={blocker / 'prepared'}", "--input", str(SAMPLE)]) == 2
+    assert f"data.prepared_dir={blocker / 'prepared'}: {blocker} is a file" in capsys.readouterr().err
+    assert launch_export.main(["--checkpoint", str(tmp_path / "checkpoint-4"), "--output", str(blocker / "hf")]) == 2
+    captured = capsys.readouterr()
+    assert f"--output {blocker / 'hf'}: {blocker} is a file; pass a folder that is not under a file" in captured.err
+    assert "model:" not in captured.out and "Traceback" not in captured.err
+    assert blocker.read_text() == "a file where a folder must be"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging folder left beside it
+
+
+def test_make_tiny_model_rebuilds_a_folder_a_killed_run_left_half_written(tmp_path, prepared_dir, tiny_model, capsys):
+    out = tmp_path / "runs" / "init"
+    out.mkdir(parents=True)
+    shutil.copy(tiny_model / "config.json", out / "config.json")  # killed after config.json, before the weights
+    argv = ["--config", CONFIG, f"data.prepared_dir={prepared_dir}", f"model.name_or_path={out}"]
+    assert make_tiny_model.main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"{out} is not a whole model, building it again" in captured.err
+    assert "config.json but no weights" in captured.err
+    assert captured.out.strip() == f"model: {out}"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["init"]  # built beside it, swapped in, no leftovers
+    assert "model.safetensors" in files_under(out) and "tokenizer.json" in files_under(out)
+    before = files_under(out)
+    assert make_tiny_model.main(argv) == 0  # whole now: done, nothing written
+    assert capsys.readouterr().out.strip() == f"model: {out} (exists, checked)"
+    assert files_under(out) == before
+
+    (out / "notes.txt").write_text("mine")  # --force would replace the folder as a whole
+    assert make_tiny_model.main([*argv, "--force"]) == 2
+    assert f"model.name_or_path={out} holds more than a model (['notes.txt'])" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert make_tiny_model.main([*argv, f"model.name_or_path={blocker / 'init'}"]) == 2
+    assert f"model.name_or_path={blocker / 'init'}: {blocker} is a file" in capsys.readouterr().err
+
+
 def test_export_refuses_an_output_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "model.bin"
     target.write_text("not a folder")
@@ -294,6 +338,27 @@ def test_annotate_never_writes_into_its_input_and_refuses_no_reports(tmp_path, p
     assert f"no reports in {empty} for teacher.splits ['train', 'valid', 'test']" in capsys.readouterr().err
 
 
+def test_summarize_never_writes_into_its_input(tmp_path, prepared_dir, tiny_model, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dir, data)
+    reports = tmp_path / "reports.jsonl"
+    write_jsonl(reports, read_jsonl(prepared_dir / "test.jsonl")[:3])
+    before = files_under(tmp_path)
+    model = ["--model", str(tiny_model), "--no-progress", "eval.backend=hf", "eval.device=cpu"]
+    # a prepared split, whether the input is its folder or not, and a split the folder does not have yet
+    for output in (data / "test.jsonl", data / "unlabelled.jsonl"):
+        for source in (data, reports):
+            assert launch_summarize.main([*model, "--input", str(source), "--output", str(output)]) == 2
+            err = capsys.readouterr().err
+            assert f"--output {output} is a prepared split ({output.name} of {data})" in err
+            assert "write the summaries to a file of their own" in err
+    # the input file itself, spelt another way
+    spelt = f"{tmp_path}/./{reports.name}"
+    assert launch_summarize.main([*model, "--input", str(reports), "--output", spelt]) == 2
+    assert f"--output {spelt} is the --input file itself" in capsys.readouterr().err
+    assert files_under(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Values no setting can mean are refused, in every section.
 
@@ -336,6 +401,20 @@ def test_every_numeric_setting_refuses_a_huge_negative_and_infinity():
     assert accepted == []
 
 
+@pytest.mark.parametrize("weight", [".inf", ".nan", "-1", "0", "true", "heavy"])
+def test_a_teachers_weight_must_be_a_finite_positive_number(tmp_path, weight, capsys):
+    extra = f"combine.teachers=[{{model: other, weight: {weight}}}]"
+    assert launch_annotate.main(["--config", CONFIG, f"data.key_info_path={tmp_path / 'k.jsonl'}", extra]) == 2
+    assert "combine.teachers[0].weight: must be a finite positive number, got" in capsys.readouterr().err
+    assert not (tmp_path / "k.jsonl").exists()
+
+
+def test_a_teachers_weight_in_e_notation_is_a_number():
+    """YAML 1.1 reads 1e300 (no dot) as a string; it is read as the number, as every float setting is."""
+    cfg = load_config(CONFIG, ["combine.teachers=[{model: other, weight: 1e300}]"])
+    assert [t.weight for t in teachers(cfg)] == [1.0, 1e300]
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. The planner prints a plan only for inputs a cluster and the models can have.
 
@@ -371,6 +450,7 @@ def test_plan_prints_no_settings_when_nothing_fits(capsys):
 
 
 def test_every_launcher_documents_its_exit_status():
-    for name in ("prepare_data", "annotate", "train", "evaluate", "export", "plan", "fetch_model"):
+    for name in ("prepare_data", "annotate", "train", "evaluate", "export", "plan", "fetch_model", "summarize",
+                 "make_tiny_model", "slurm_args"):
         doc = (REPO / "launch" / f"{name}.py").read_text().split('"""')[1]
         assert "Exit status" in doc, name

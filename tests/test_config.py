@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from distil.config import ConfigError, load_config
+from distil.config import ConfigError, load_config, teachers
 
 CONFIGS = sorted((REPO / "launch" / "configs").rglob("*.yaml"))
 
@@ -15,6 +15,15 @@ def test_every_shipped_config_loads_and_its_deepspeed_json_exists(path):
     cfg = load_config(path)
     if cfg.train.deepspeed:
         assert (REPO / cfg.train.deepspeed).is_file(), f"{path.name}: {cfg.train.deepspeed} missing"
+
+
+def test_every_72b_teacher_that_scores_leaves_room_for_the_topk_pass():
+    """docs/stage1.md ("Memory for the top-k pass"): the 72B configs pin the prefill chunk and vLLM's share."""
+    scoring = [(path.name, t.config) for path in CONFIGS for t in teachers(load_config(path))
+               if "Qwen2.5-72B" in t.config.model and t.config.topk_logprobs > 0]
+    assert len(scoring) >= 6
+    for name, teacher in scoring:
+        assert (teacher.max_num_batched_tokens, teacher.gpu_memory_utilization) == (2048, 0.85), name
 
 
 def test_paper_config_has_the_papers_hyperparameters():

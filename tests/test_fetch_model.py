@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
 
+from distil.model_check import safetensors_problem
 from distil.real_model import GGUF_SHA256, ModelFetchError, convert, packaged_gguf
 
 
@@ -41,6 +43,23 @@ def test_fetch_converts_once_and_prints_the_folder_last(fetched, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == str(folder)
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert not (cache / "SmolLM2-135M-Instruct.partial").exists()
+
+
+@pytest.mark.timeout(600)
+def test_a_fetched_folder_whose_weights_were_cut_is_converted_again(fetched, capsys, caplog):
+    """The manifest says "fetched"; the no-op path checks the weights too before it says so."""
+    cache, fetch_model = fetched
+    assert fetch_model.main(["--cache-dir", str(cache)]) == 0  # converted here or by the test above
+    weights = cache / "SmolLM2-135M-Instruct" / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="distil.real_model")
+    assert fetch_model.main(["--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == str(weights.parent)
+    assert "fails the model check, converting it again" in caplog.text and "cut short" in caplog.text
+    assert weights.stat().st_size == size and safetensors_problem(weights) is None
 
 
 def test_a_corrupt_gguf_is_refused_with_the_fix(tmp_path):

@@ -1,5 +1,6 @@
 """From the slurm section to sbatch options (no SLURM needed): precedence, validation, the dry run,
-the template defaults, and the trainer callback that saves before the time limit."""
+the template defaults, Stage 2's exit status (SLURM's commands stubbed), and the trainer callback that
+saves before the time limit."""
 
 from __future__ import annotations
 
@@ -92,7 +93,31 @@ def test_dry_run_prints_a_runnable_chain_of_sbatch_commands():
 ])
 def test_pipeline_errors_are_clear(args, message):
     proc = _pipeline("--dry-run", *args)
-    assert proc.returncode != 0 and message in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.parametrize("launcher_status, status, words", [
+    (0, 0, "done: "),
+    (2, 2, "training refused its input (launch/train.py exit 2); fix what the error above names"),
+    (1, 1, "training failed (exit 1)"),
+    (137, 1, "training failed (exit 137)"),  # a node lost: resubmitting resumes
+])
+def test_stage2_passes_a_user_error_through_and_marks_other_failures_rerunnable(tmp_path, launcher_status, status,
+                                                                                 words):
+    """slurm/stage2.sbatch run as SLURM would, with scontrol, getent and srun stubbed (srun exits as the
+    node launchers would): exit 2 only for train.py's own user error, 1 for what a resubmission may cure."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("scontrol", 'if [ "$2" = hostnames ]; then echo n1; fi'),
+                       ("getent", "echo 127.0.0.1 STREAM n1"), ("srun", f"exit {launcher_status}")):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+               SLURM_JOB_NODELIST="n1", SLURM_JOB_ID=str(os.getpid()), SLURM_GPUS_ON_NODE="1")
+    proc = subprocess.run(["bash", "slurm/stage2.sbatch", str(TINY), f"train.output_dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert words in proc.stdout + proc.stderr
 
 
 def test_templates_default_to_an_8_gpu_node_and_stage2_can_be_requeued():
