@@ -15,10 +15,11 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
+from distil.align_config import policy_path
 from distil.config import ConfigError, ExperimentConfig, SlurmConfig, load_config
 
 ENV_PREFIX = "DISTIL_SLURM_"
-STAGES = ("stage1", "stage2", "eval")
+STAGES = ("stage1", "stage2", "align", "eval")  # pipeline order; align (after Stage 2) runs only when named
 
 
 def env_overrides(environ: Mapping[str, str]) -> list[str]:
@@ -58,14 +59,15 @@ def sbatch_options(cfg: ExperimentConfig, stage: str, config_name: str = "") -> 
     name = f"distil-{stage}" + (f"-{config_name}" if config_name else "")
     options = [f"--job-name={name}", f"--output={s.log_dir}/%x-%j.out"]
     options += [f"--{key}={getattr(s, key)}" for key in ("partition", "account", "qos") if getattr(s, key)]
-    nodes = {"stage1": s.stage1_nodes, "stage2": s.stage2_nodes, "eval": 1}[stage]
+    nodes = {"stage1": s.stage1_nodes, "stage2": s.stage2_nodes, "align": s.stage2_nodes, "eval": 1}[stage]
     gpus = s.eval_gpus if stage == "eval" else s.gpus_per_node
-    minutes = {"stage1": s.stage1_minutes, "stage2": s.stage2_minutes, "eval": s.eval_minutes}[stage]
+    minutes = {"stage1": s.stage1_minutes, "stage2": s.stage2_minutes, "align": s.stage2_minutes,
+               "eval": s.eval_minutes}[stage]
     options += [f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={s.cpus_per_node}",
                 f"--gpus-per-node={gpus}", f"--time={minutes}"]
     if s.mem is not None:
         options.append(f"--mem={s.mem}")
-    if stage == "stage2":
+    if stage in ("stage2", "align"):
         options += [f"--signal=B:USR1@{s.save_before_timeout_s}", "--requeue"]
     return options + list(s.extra_args)
 
@@ -84,6 +86,9 @@ def stage_variables(cfg: ExperimentConfig) -> dict[str, str]:
         "DISTIL_TEACHER": cfg.teacher.model,
         "DISTIL_KEY_INFO_PATH": cfg.data.key_info_path or "",
         "DISTIL_EVAL_OUTPUT_DIR": cfg.eval.output_dir,
+        "DISTIL_ALIGN_POLICY": policy_path(cfg.align, cfg.train.output_dir),
+        "DISTIL_ALIGN_PAIRS_PATH": cfg.align.pairs_path,
+        "DISTIL_ALIGN_OUTPUT_DIR": cfg.align.output_dir,
         "DISTIL_LOG_DIR": s.log_dir,
         "DISTIL_SLURM_ENV_SETUP": s.env_setup or "",
     }

@@ -85,8 +85,20 @@ def test_dry_run_prints_a_runnable_chain_of_sbatch_commands():
     assert "--dependency=afterok:$JOB_stage2" in lines[2] and lines[2].endswith(f"{TINY} slurm.partition=gpu)")
 
 
+def test_alignment_runs_after_stage2_and_before_the_evaluation_like_stage2():
+    proc = _pipeline("--dry-run", "--stages", "stage2,align,eval", str(TINY), DISTIL_SLURM_STAGE2_NODES="3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split("=")[0] for line in lines] == ["JOB_stage2", "JOB_align", "JOB_eval"]
+    align = lines[1]
+    assert "slurm/align.sbatch" in align and "--dependency=afterok:$JOB_stage2 --kill-on-invalid-dep=yes" in align
+    assert "--nodes=3" in align and "--signal=B:USR1@300" in align and "--requeue" in align
+    assert "--dependency=afterok:$JOB_align" in lines[2]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--stages", "eval,stage2", str(TINY)], "--stages must be in pipeline order"),
+    (["--stages", "align,stage2", str(TINY)], "--stages must be in pipeline order (stage1,stage2,align,eval)"),
     (["--stages", "stage3", str(TINY)], "unknown stage 'stage3'"),
     (["nope.yaml"], "config nope.yaml not found"),
     ([str(TINY), "slurm.stage1_nodes=0"], "slurm.stage1_nodes: must be positive"),
@@ -120,12 +132,57 @@ def test_stage2_passes_a_user_error_through_and_marks_other_failures_rerunnable(
     assert words in proc.stdout + proc.stderr
 
 
+def _stubbed_slurm(tmp_path: Path, srun: str) -> dict:
+    """scontrol, getent and srun replaced by scripts (srun's body given): a one-node job on this machine."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in (("scontrol", 'if [ "$2" = hostnames ]; then echo n1; fi'),
+                       ("getent", "echo 127.0.0.1 STREAM n1"), ("srun", srun)):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    return dict(os.environ, PATH=f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+                SLURM_JOB_NODELIST="n1", SLURM_JOB_ID=str(os.getpid()), SLURM_GPUS_ON_NODE="1")
+
+
+@pytest.mark.parametrize("pairs_status, launcher_status, status, words", [
+    (0, 0, 0, "done: "),
+    (2, 0, 2, "making the preference pairs refused its input (launch/make_pairs.py exit 2)"),
+    (1, 0, 1, "making the preference pairs failed (exit 1); resubmitting resumes them"),
+    (0, 2, 2, "alignment refused its input (launch/align.py exit 2)"),
+    (0, 137, 1, "alignment failed (exit 137)"),
+])
+def test_align_makes_the_pairs_then_runs_dpo_on_every_node(tmp_path, pairs_status, launcher_status, status, words):
+    """slurm/align.sbatch as SLURM runs it, srun stubbed (its exit status per step): the pairs first, then the
+    DeepSpeed launchers of Stage 2 with launch/align.py; exit 2 only for a user error, 1 for what a
+    resubmission cures."""
+    policy = tmp_path / "student" / "hf"
+    policy.mkdir(parents=True)
+    (policy / "config.json").write_text("{}")
+    srun = (f'echo "srun $*" >> {tmp_path / "calls"}\n'
+            f'case "$*" in *make_pairs.py*) exit {pairs_status};; *) exit {launcher_status};; esac')
+    proc = subprocess.run(["bash", "slurm/align.sbatch", str(TINY), f"train.output_dir={tmp_path / 'student'}",
+                           f"align.output_dir={tmp_path / 'aligned'}"], cwd=REPO, capture_output=True, text=True,
+                          env=_stubbed_slurm(tmp_path, srun), timeout=120)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert words in proc.stdout + proc.stderr
+    calls = (tmp_path / "calls").read_text().split("srun ")[1:]  # a call's arguments may span lines
+    assert "launch/make_pairs.py --config" in calls[0]
+    assert len(calls) == (1 if pairs_status else 2) and (pairs_status or "launch/align.py" in calls[1])
+
+
+def test_align_needs_the_student_stage2_exports(tmp_path):
+    proc = subprocess.run(["bash", "slurm/align.sbatch", str(TINY), f"train.output_dir={tmp_path / 'none'}"], cwd=REPO,
+                          capture_output=True, text=True, env=_stubbed_slurm(tmp_path, "exit 0"), timeout=120)
+    assert proc.returncode == 2 and f"no student to align at {tmp_path / 'none'}/hf" in proc.stderr
+
+
 def test_templates_default_to_an_8_gpu_node_and_stage2_can_be_requeued():
-    stage2 = (REPO / "slurm" / "stage2.sbatch").read_text()
-    for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):
-        assert line in stage2
+    for name in ("stage2", "align"):
+        text = (REPO / "slurm" / f"{name}.sbatch").read_text()
+        for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300"):
+            assert line in text, (name, line)
     assert "#SBATCH --gpus-per-node=8" in (REPO / "slurm" / "stage1.sbatch").read_text()
-    for name in ("stage1", "stage2", "eval"):
+    for name in ("stage1", "stage2", "align", "eval"):
         proc = subprocess.run(["bash", "-n", str(REPO / "slurm" / f"{name}.sbatch")], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
