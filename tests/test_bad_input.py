@@ -451,6 +451,6 @@ def test_plan_prints_no_settings_when_nothing_fits(capsys):
 
 def test_every_launcher_documents_its_exit_status():
     for name in ("prepare_data", "annotate", "train", "evaluate", "export", "plan", "fetch_model", "summarize",
-                 "make_tiny_model", "slurm_args"):
+                 "make_tiny_model", "slurm_args", "merge", "make_pairs", "align"):
         doc = (REPO / "launch" / f"{name}.py").read_text().split('"""')[1]
         assert "Exit status" in doc, name

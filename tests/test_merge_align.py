@@ -127,6 +127,34 @@ def test_models_of_another_tokenizer_or_architecture_are_refused(students, tiny_
     assert not out.exists()
 
 
+def test_the_recipes_refuse_bad_input_before_any_work(students, tmp_path, capsys, monkeypatch):
+    import launch.align as launch_align
+    import launch.make_pairs as launch_make_pairs
+
+    config = tmp_path / "c.yaml"
+    config.write_text("align: {}\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert _merge(tmp_path, f"merge.output_dir={blocker / 'merged'}",
+                  f"merge.models=[{{path: {students['a']}}}, {{path: {students['c']}}}]") == 2
+    assert f"merge.output_dir={blocker / 'merged'}: {blocker} is a file" in capsys.readouterr().err
+    assert _merge(tmp_path, f"merge.output_dir={students['a']}",
+                  f"merge.models=[{{path: {students['a']}}}, {{path: {students['c']}}}]") == 2
+    assert "is one of the models merged" in capsys.readouterr().err
+    # no Stage 2 export where the config points: named, with the key that sets it
+    assert launch_make_pairs.main(["--config", str(config), f"train.output_dir={tmp_path / 'none'}"]) == 2
+    assert "train.output_dir (its hf/ export; or set align.policy)" in capsys.readouterr().err
+    assert launch_make_pairs.main(["--config", str(config), f"align.policy={students['a']}", "--limit", "0"]) == 2
+    assert "--limit 0: must be a positive number" in capsys.readouterr().err
+    monkeypatch.delenv("RANK", raising=False)
+    assert launch_align.main(["--config", str(config)]) == 2
+    assert "runs under the DeepSpeed launcher" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launch_align.main(["--config", str(config), f"align.policy={students['a']}", "align.beta=0"]) == 2
+    assert "align.beta: must be positive" in capsys.readouterr().err
+
+
 # --- preference pairs -----------------------------------------------------------------------------
 
 
