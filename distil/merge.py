@@ -21,6 +21,7 @@ from distil.align_config import MergeConfig
 from distil.architecture import architecture_from_config
 from distil.atomic import blocking_file, foreign_files, publish_dir, staging_dir, write_text
 from distil.model_check import MODEL_FILE, check_model_dir
+from distil.plan import parameter_counts
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,13 @@ def mergekit_config(m: MergeConfig, students: list[dict], base: str | None) -> d
 
 
 def memory_need(path: str | Path, n_models: int, dtype: str) -> int:
-    """Bytes of memory the merge needs at most: mergekit loads one tensor of every model at a time and
-    holds the output shard until it is written, so the largest tensor (the embedding) of each input plus
-    the result, and one shard. Qwen2.5-7B, two students and a base, bfloat16: about 6.4 GB."""
+    """Bytes of memory the merge owns at most: mergekit loads one tensor of every model at a time and holds
+    the output shard until it is written, so the largest tensor (the embedding) of each input plus the
+    result, and one shard. The inputs are memory-mapped: their pages are reclaimable file cache, not counted.
+    Qwen2.5-7B, two students and a base, bfloat16: about 6.4 GB (docs/align.md has a measurement)."""
     a = architecture_from_config(json.loads((Path(path) / "config.json").read_text()), str(path))
-    largest = max(a.vocab_size * a.hidden_size, a.intermediate_size * a.hidden_size)
-    params = (a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
-              + a.num_layers * (a.hidden_size * (a.hidden_size + 2 * a.kv_dim) + a.hidden_size * a.hidden_size
-                                + 3 * a.hidden_size * a.intermediate_size))
-    return DTYPE_BYTES[dtype] * ((n_models + 1) * largest + min(params, SHARD_PARAMS))
+    total, largest = parameter_counts(a)
+    return DTYPE_BYTES[dtype] * ((n_models + 1) * largest + min(total, SHARD_PARAMS))
 
 
 def check_output(output_dir: str) -> None:
