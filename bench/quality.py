@@ -293,6 +293,32 @@ def align_arm(args, common: list[str], max_new: int, env: dict) -> list[str]:
     return [parent]
 
 
+def record_pace(path: Path, key_info: Path, name: str) -> None:
+    """Keep Stage 1's pace per teacher and pass (key information, summaries, top-k) from the run that did the
+    work: a resumed run that had nothing to do leaves the measured one in place."""
+    summary = json.loads(key_info.with_suffix(".summary.json").read_text())
+    if "teachers" in summary:  # several teachers in one job: the one just run is the last with work
+        summary = next((one for one in reversed(summary["teachers"].values())
+                        if one.get("this_run", {}).get("annotated") or one.get("teacher_summaries", {}).get(
+                            "this_run", {}).get("annotated")), {})
+    passes = {"key_info": summary.get("this_run", {}), "teacher_summaries":
+              summary.get("teacher_summaries", {}).get("this_run", {}), "topk": summary.get("topk", {})}
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    mine = kept.setdefault(name, {})
+    for task, pace in passes.items():
+        if pace.get("annotated") or pace.get("reports"):
+            mine[task] = pace
+    path.write_text(json.dumps(kept, indent=1) + "\n")
+
+
+def eval_pace(eval_dir: Path, arm: str) -> dict:
+    """The arm's generation pace in the evaluation (this machine): reports/s, tokens/s."""
+    speed = next((r for r in json.loads((eval_dir / "scores.json").read_text()).get("speed", []) if r["model"] == arm),
+                 None)
+    return {"reports_per_s": round(speed["reports_per_s"], 4), "tokens_per_s": round(speed["tokens_per_s"], 1)} \
+        if speed and "reports_per_s" in speed else {}
+
+
 def check_settings(path: Path, settings: dict) -> None:
     """The arms kept in --keep are only comparable with arms of the same data, config and overrides."""
     if path.is_file() and json.loads(path.read_text()) != settings:
@@ -379,11 +405,13 @@ def main(argv: list[str] | None = None) -> int:
             summarize = ["teacher.summarize=true"] if args.teacher_reports else []
             run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
                  f"teacher.splits={splits}", *summarize], args.work / "logs" / "annotate.log", env)
+            record_pace(args.keep / "stage1_pace.json", key_info, "trained" if args.teacher_reports else "teacher")
     second = args.second_teacher or cfg.model.name_or_path
     if set(args.arms) & set(MULTI_ARMS):  # the second teacher's own Stage 1 (the trained one's is above)
         run([sys.executable, "launch/annotate.py", "--config", args.config, "--no-progress", *common,
              f"teacher.model={second}", "teacher.splits=[train,unlabelled]", "teacher.summarize=true"],
             args.work / "logs" / "annotate_second.log", env)
+        record_pace(args.keep / "stage1_pace.json", key_info, "second")
     cfg = load_config(args.config, common[2:])
     epochs = cfg.train.num_epochs
     both = ["combine.name=trained", f"combine.teachers=[{{model: {second}, name: second, weight: 1.0}}]"]
@@ -440,12 +468,13 @@ def main(argv: list[str] | None = None) -> int:
             teacher_record = json.loads((args.keep / "teacher_model.json").read_text())
             train_tokens["epochs"] = teacher_record["epochs"]
         train_s = time.time() - t0
-        means, per_report, gold = arm_result(evaluate_arm(args, arm, model, common, max_new, env), arm)
+        eval_dir = evaluate_arm(args, arm, model, common, max_new, env)
+        means, per_report, gold = arm_result(eval_dir, arm)
         result = {**means, "gold_summaries": gold, "n": len(per_report),
                   "train_tokens": train_tokens["supervised"],
                   "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
                   "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1),
-                  **({"parents": parents} if parents else {}),
+                  **({"parents": parents} if parents else {}), "eval_pace": eval_pace(eval_dir, arm),
                   **({"kd": {"alpha": args.kd_alpha, "beta": args.kd_beta, "temperature": 1.0,
                              "topk": cfg.teacher.topk_logprobs, "store": store_size(key_info)}}
                      if arm == "distil_kd" else {}),
@@ -478,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                                             cfg.eval.bootstrap_samples, cfg.eval.seed)
                    for a, b in pairs if a in done and b in done} | multi,
         **({"second_teacher": second} if set(done) & set(MULTI_ARMS) else {}),
+        **({"stage1_pace": json.loads((args.keep / "stage1_pace.json").read_text())}
+           if (args.keep / "stage1_pace.json").is_file() else {}),
     }
     if args.teacher_reports and "teacher" in done and "standard_matched" in done:
         report["gap_closed"] = gap_closed(done, "standard_matched", "teacher", METRICS)

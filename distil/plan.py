@@ -37,6 +37,14 @@ OVERLAP_COMM_FACTOR = 4.5  # ZeRO-2 overlap_comm holds 4.5x its buckets (DeepSpe
 STRATEGIES = ("zero2", "zero3", "zero3_offload")
 
 
+def gpu_hours_per_1000_reports(seconds: float, reports: int, gpus: int) -> float | None:
+    """What 1,000 reports cost at a measured pace: GPUs held x hours; None without GPUs or reports (on CPU a
+    GPU-hour means nothing)."""
+    if not gpus or not reports or seconds <= 0:
+        return None
+    return gpus * seconds / reports * 1000 / 3600
+
+
 # ---------------------------------------------------------------------------------------------
 # Student: parameters, model states, activations.
 

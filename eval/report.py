@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from distil.atomic import write_bytes, write_text
+from distil.plan import gpu_hours_per_1000_reports
 
 from eval.metrics import bootstrap_ci
 from eval.scoring import FAITHFULNESS, GOLD, METRICS
@@ -122,7 +123,8 @@ def save_figure(fig, path: str | Path) -> None:
 
 def speed(scores: dict[str, list[dict]], teacher_label: str, gpu_hour_price: float, gpu_count: int,
           teacher_gpu_count: int) -> list[dict]:
-    """Per model: tokens/s, seconds and cost per report; vs the teacher: how many times faster and cheaper.
+    """Per model: tokens/s, seconds per report, reports/s, GPU-hours per 1,000 reports and cost per report; vs
+    the teacher: how many times faster and cheaper.
 
     cost per report = seconds per report / 3600 * GPUs * price per GPU-hour.
     """
@@ -135,7 +137,8 @@ def speed(scores: dict[str, list[dict]], teacher_label: str, gpu_hour_price: flo
         gpus = teacher_gpu_count if model == teacher_label else gpu_count
         per_report = seconds / len(timed)
         out.append({"model": model, "reports": len(timed), "tokens_per_s": tokens / seconds if seconds else 0.0,
-                    "seconds_per_report": per_report, "gpus": gpus,
+                    "seconds_per_report": per_report, "reports_per_s": 1 / per_report if per_report else 0.0,
+                    "gpus": gpus, "gpu_hours_per_1000_reports": gpu_hours_per_1000_reports(seconds, len(timed), gpus),
                     "cost_per_report": per_report / 3600 * gpus * gpu_hour_price})
     teacher = next((r for r in out if r["model"] == teacher_label), None)
     if teacher is not None:
@@ -159,13 +162,14 @@ def hardware_of(cfg) -> str | None:
 def speed_markdown(rows: list[dict], cpu: str | None = None) -> str:
     """The speed table; on CPU (`cpu` = its description) the hardware replaces GPUs and the cost is not priced."""
     compare = any("times_faster_than_teacher" in r for r in rows)
-    head = f"| Model | {'hardware' if cpu else 'GPUs'} | tokens/s | s/report | cost/report |" + \
+    head = f"| Model | {'hardware' if cpu else 'GPUs'} | tokens/s | s/report | GPU-hours/1k reports | cost/report |" + \
         (" × faster | × cheaper |" if compare else "")
-    lines = [head, "|---|---:|---:|---:|---:|" + ("---:|---:|" if compare else "")]
+    lines = [head, "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if compare else "")]
     for r in rows:
         cost = "— (CPU)" if cpu else f"{r['cost_per_report']:.6f}"
+        hours = "—" if cpu or r.get("gpu_hours_per_1000_reports") is None else f"{r['gpu_hours_per_1000_reports']:.3f}"
         line = (f"| {r['model']} | {cpu or r['gpus']} | {r['tokens_per_s']:.1f} | {r['seconds_per_report']:.3f} "
-                f"| {cost} |")
+                f"| {hours} | {cost} |")
         if compare:
             ratio = [r.get("times_faster_than_teacher"), r.get("times_cheaper_than_teacher")]
             line += "".join(f" {x:.1f} |" if x is not None else " — |" for x in ratio)

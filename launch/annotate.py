@@ -82,11 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in one:
             print(f"teacher{who}: failed ({one['error']}); rerun to retry it")
             continue
-        print(f"key information{who}: {cfg.data.key_info_path} {one['status']}")
+        print(f"key information{who}: {cfg.data.key_info_path} {one['status']}" + pace(one["this_run"]))
         if "teacher_summaries" in one:
             print(f"teacher summaries{who}: {teacher_summaries_path(cfg.data.key_info_path)} "
-                  f"{one['teacher_summaries']['status']}")
+                  f"{one['teacher_summaries']['status']}" + pace(one["teacher_summaries"]["this_run"]))
     return 1 if failed(summary) else 0
+
+
+def pace(this_run: dict) -> str:
+    """This run's speed and (on GPUs) cost, when it annotated anything."""
+    if not this_run.get("reports_per_s"):
+        return ""
+    cost = this_run.get("gpu_hours_per_1000_reports")
+    return (f"; this run {this_run['reports_per_s']:g} reports/s" +
+            (f" on {this_run['gpus']} GPUs = {cost:g} GPU-hours per 1,000 reports" if cost is not None else ""))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from distil.config import ExperimentConfig, TeacherConfig, teachers
 from distil.data import DataError, read_prepared, teacher_summaries_path
 from distil.ledger import Ledger
 from distil.logs import verbose
+from distil.plan import gpu_hours_per_1000_reports
 from distil.prompts import build_messages
 from distil.teacher_config import annotation_key, is_annotation_of, key_of, record_key, sampling_params
 from teacher_serving.answers import RETRYABLE, classify, key_info_schema
@@ -224,9 +225,12 @@ def annotate_pending(cfg: ExperimentConfig, ledger: Ledger, pending: list[dict],
             bar.close()
         seconds = time.perf_counter() - started  # first request to last answer: no engine start or stop
     done = sum(n for s, n in counts.items() if s != "failed")
+    cost = gpu_hours_per_1000_reports(seconds, done, pool.gpus if items else 0)
     return {"annotated": done, "failed": counts.get("failed", 0), "seconds": round(seconds, 3),
             "reports_per_s": round(done / seconds, 3) if done and seconds else None,
-            "completion_tokens_per_s": round(tokens / seconds, 1) if done and seconds else None}
+            "completion_tokens_per_s": round(tokens / seconds, 1) if done and seconds else None,
+            "gpus": pool.gpus if items else 0,
+            "gpu_hours_per_1000_reports": round(cost, 3) if cost is not None else None}
 
 
 def annotate(cfg: ExperimentConfig, limit: int | None = None, show_progress: bool = True) -> dict:

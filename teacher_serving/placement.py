@@ -32,6 +32,11 @@ class ReplicaPlan:
     on_gpu: bool
 
     @property
+    def gpus(self) -> int:
+        """GPUs all replicas hold together (0 on CPU): what Stage 1's GPU-hours count."""
+        return self.num_replicas * len(self.bundles) if self.on_gpu else 0
+
+    @property
     def actor_resources(self) -> dict[str, float]:
         """What the actor holding the engine takes from bundle 0 (Ray's workers take the GPUs when TP*PP > 1)."""
         cpus = self.bundles[0].get("CPU", 0)

@@ -35,6 +35,8 @@ class ScoreRequest:
 
 
 class TeacherPool(Protocol):
+    gpus: int  # GPUs it holds (0: CPU replicas, or a remote endpoint whose hardware is not ours to count)
+
     @property
     def free_slots(self) -> int:
         """Requests it takes now without queueing (raises when no replica is left to serve any)."""
@@ -63,6 +65,10 @@ class StartOnFirstUse:
         if self._pool is None:
             self._pool = self._open()
         return self._pool
+
+    @property
+    def gpus(self) -> int:
+        return self._pool.gpus if self._pool is not None else 0
 
     @property
     def free_slots(self) -> int:

@@ -29,7 +29,7 @@ class RemotePool:
         api_key = os.environ.get(t.api_key_env)
         if not api_key:
             log.warning("no API key in $%s (teacher.api_key_env); sending requests without one", t.api_key_env)
-        self.model = t.model
+        self.model, self.gpus = t.model, 0
         self.client = OpenAI(base_url=t.api_base, api_key=api_key or "EMPTY", max_retries=t.api_retries,
                              timeout=t.request_timeout_s)
         self.max_concurrency = t.max_concurrency

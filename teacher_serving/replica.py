@@ -208,6 +208,7 @@ class ReplicaPool:
         from ray.util.placement_group import placement_group_table
 
         self.teacher, self.plan, self.max_restarts = t, plan, t.max_replica_restarts
+        self.gpus = plan.gpus
         self.window = 2 * t.max_num_seqs
         self.groups = placement_groups(plan, t.tensor_parallel_size)
         self.nodes = [placement_group_table(pg)["bundles_to_node_id"][0] for pg in self.groups]

@@ -136,7 +136,9 @@ def test_speed_and_cost_against_the_teacher():
     }
     teacher, student = speed(scores, "teacher", gpu_hour_price=2.0, gpu_count=1, teacher_gpu_count=8)
     assert teacher == pytest.approx({"model": "teacher", "reports": 2, "tokens_per_s": 100.0, "seconds_per_report": 1.0,
-                                     "gpus": 8, "cost_per_report": 1.0 / 3600 * 8 * 2.0})
+                                     "reports_per_s": 1.0, "gpus": 8, "gpu_hours_per_1000_reports": 8 * 1000 / 3600,
+                                     "cost_per_report": 1.0 / 3600 * 8 * 2.0})
+    assert student["gpu_hours_per_1000_reports"] == pytest.approx(1 * 0.1 * 1000 / 3600)  # 1 GPU, 0.1 s a report
     assert student["tokens_per_s"] == pytest.approx(400.0)
     assert student["times_faster_than_teacher"] == pytest.approx(10.0)
     assert student["times_cheaper_than_teacher"] == pytest.approx(80.0)   # 10x faster on 8x fewer GPUs
@@ -170,9 +172,19 @@ def test_write_report_files(tmp_path):
 
 def test_speed_table_on_a_gpu_counts_gpus_and_prices_them():
     rows = [{"model": "student", "reports": 2, "tokens_per_s": 400.0, "seconds_per_report": 0.1, "gpus": 1,
-             "cost_per_report": 0.1 / 3600 * 2.0}]
-    assert speed_markdown(rows).splitlines()[2] == "| student | 1 | 400.0 | 0.100 | 0.000056 |"
-    assert speed_markdown(rows, "CPU (2 cores)").splitlines()[2] == "| student | CPU (2 cores) | 400.0 | 0.100 | — (CPU) |"
+             "gpu_hours_per_1000_reports": 0.1 * 1000 / 3600, "cost_per_report": 0.1 / 3600 * 2.0}]
+    assert speed_markdown(rows).splitlines()[2] == "| student | 1 | 400.0 | 0.100 | 0.028 | 0.000056 |"
+    assert speed_markdown(rows, "CPU (2 cores)").splitlines()[2] == \
+        "| student | CPU (2 cores) | 400.0 | 0.100 | — | — (CPU) |"
+
+
+def test_gpu_hours_per_1000_reports():
+    from distil.plan import gpu_hours_per_1000_reports
+
+    assert gpu_hours_per_1000_reports(seconds=331.2, reports=260, gpus=8) == pytest.approx(8 * 331.2 / 260 * 1000 / 3600)
+    assert gpu_hours_per_1000_reports(seconds=360.0, reports=1000, gpus=4) == pytest.approx(0.4)  # 0.36 s each x 4 GPUs
+    assert gpu_hours_per_1000_reports(seconds=10.0, reports=5, gpus=0) is None  # CPU: no GPU-hours
+    assert gpu_hours_per_1000_reports(seconds=0.0, reports=0, gpus=8) is None
 
 
 def test_showcase_puts_one_report_beside_every_summary(tmp_path):

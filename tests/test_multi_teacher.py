@@ -97,6 +97,13 @@ def test_one_job_two_teachers_killed_and_resumed_leaves_one_answer_per_teacher(r
     summary = json.loads(ledger.with_suffix(".summary.json").read_text())
     assert set(summary["teachers"]) == {"lively", "tiny"}
     assert sum(summary["teachers"]["lively"]["status"].values()) == len(reports)
+    # the cost beside the answers, per teacher: this run's pace; on CPU replicas no GPU-hours are claimed
+    worked = [name for name, one in summary["teachers"].items() if one["this_run"]["annotated"]]
+    assert worked  # the second kill left the second teacher work to do
+    for name in worked:
+        this_run = summary["teachers"][name]["this_run"]
+        assert this_run["reports_per_s"] > 0 and this_run["gpus"] == 0 and this_run["gpu_hours_per_1000_reports"] is None
+        assert f"key information ({name}): {ledger} " in out and f"this run {this_run['reports_per_s']:g} reports/s" in out
 
 
 @pytest.mark.timeout(900)

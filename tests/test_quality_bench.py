@@ -182,6 +182,10 @@ def test_the_trained_teacher_bench_splits_trains_the_teacher_and_distils_its_sum
                                      f"merged_minus_{best}", "merged_minus_standard_matched",
                                      f"dpo_minus_{result['dpo']['parents'][0]}"}
     assert set(result["gap_closed"]) == {"seqkd", "distil", "multi_each", "merged", "dpo"}
+    # cost beside quality: Stage 1's pace per teacher, each arm's pace in the evaluation
+    assert result["stage1_pace"]["trained"]["key_info"]["reports_per_s"] > 0
+    assert result["stage1_pace"]["second"]["key_info"]["gpus"] == 0  # CPU: no GPU-hours claimed
+    assert result["dpo"]["eval_pace"]["reports_per_s"] > 0 and result["merged"]["eval_pace"]["tokens_per_s"] > 0
     pairs = read_jsonl(work / "dpo" / "pairs.jsonl")  # the labelled reports' and the unlabelled ones' with a summary
     assert {r["chosen_from"] for r in pairs} == {"gold", "teacher"} and len(pairs) > len(student)
     # multi_each: the trained teacher's and the second teacher's (the base model's) key information, both

@@ -19,6 +19,7 @@ def test_two_8gpu_nodes_tp4_gives_four_replicas_of_one_packed_group():
     assert plan.bundles == ({"GPU": 1.0, "CPU": 1.0},) * 4
     assert plan.strategy == "STRICT_PACK" and plan.executor_backend == "ray" and plan.on_gpu
     assert plan.actor_resources == {"num_cpus": 1.0, "num_gpus": 0}
+    assert plan.gpus == 16  # what Stage 1's GPU-hours per 1,000 reports count
 
 
 def test_tp8_on_a_head_without_gpus_and_three_gpu_nodes():
@@ -31,6 +32,7 @@ def test_pipeline_parallel_spans_nodes():
     plan = plan_replicas(nodes, tensor_parallel_size=8, pipeline_parallel_size=2)
     assert plan.num_replicas == 1  # 3 TP groups // 2 stages
     assert len(plan.bundles) == 16 and plan.strategy == "PACK" and plan.executor_backend == "ray"
+    assert plan.gpus == 16
 
 
 def test_single_gpu_replicas_hold_their_gpu_without_ray_executor():
@@ -48,7 +50,7 @@ def test_cpus_limit_gpu_replicas():
 
 def test_cpu_cluster():
     plan = plan_replicas([{"CPU": 2}], num_replicas=None)
-    assert plan.num_replicas == 2 and plan.bundles == ({"CPU": 1.0},) and not plan.on_gpu
+    assert plan.num_replicas == 2 and plan.bundles == ({"CPU": 1.0},) and not plan.on_gpu and plan.gpus == 0
     assert plan.actor_resources == {"num_cpus": 1.0, "num_gpus": 0}
     assert plan_replicas([{"CPU": 5}], cpus_per_replica=2).num_replicas == 2
 
