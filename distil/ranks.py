@@ -1,10 +1,30 @@
-"""How a DeepSpeed rank ends (launch/train.py, launch/align.py): together, then at once."""
+"""What the DeepSpeed recipes (launch/train.py, launch/align.py) share: their command line, and how a rank
+ends (together, then at once)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+
+
+def recipe_arguments(doc: str, argv: list[str] | None, script: str, example: str, zero: str = "zero2"):
+    """(args, the overrides with --deepspeed folded in) of a DeepSpeed recipe, or None after saying how to
+    launch it when it runs outside the DeepSpeed launcher (no RANK / WORLD_SIZE)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides train.deepspeed)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("--verbose", action="store_true", help="print DeepSpeed's and transformers' logs too")
+    parser.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {example}")
+    args = parser.parse_args(argv)
+    enable_stack_dumps()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print(f"error: {script} runs under the DeepSpeed launcher:\n  deepspeed --num_gpus N {script} --config "
+              f"CONFIG.yaml [--deepspeed ds_configs/{zero}.json]", file=sys.stderr)
+        return None
+    return args, list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
 
 
 def leave_together() -> None:

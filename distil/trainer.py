@@ -253,32 +253,42 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
         callbacks=own + list(callbacks), gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
         kd=kd, trace_dir=trace_dir, teacher_summary_weight=cfg.loss.teacher_summary_weight,
     )
-    resume = latest_complete_checkpoint(cfg.train.output_dir) if cfg.train.resume == "auto" else None
     student = {"model": cfg.model.name_or_path, "identity": model_identity(cfg.model.name_or_path)}
+    if not train_resumably(trainer, cfg.train, student, config_text, preemption) or not cfg.train.export:
+        return None
+    return export_model(trainer, Path(cfg.train.output_dir) / "hf", "exported student", "train.output_dir")
+
+
+def train_resumably(trainer: Trainer, run, started: dict, config_text: str, preemption: SaveAndStopCallback,
+                    section: str = "train", model_key: str = "model.name_or_path") -> bool:
+    """Train, resuming from the newest complete checkpoint in run.output_dir (`run` has the train section's
+    output_dir, resume, num_epochs, max_steps, export); refuse a finished run or another model's checkpoints
+    (`started`: {model, identity} of the model this run starts from; `section`, `model_key` name the keys in
+    the errors). False when it stopped early on request (SLURM's time limit): the next run resumes."""
+    args = trainer.args
+    resume = latest_complete_checkpoint(run.output_dir) if run.resume == "auto" else None
     if resume:
-        other = other_student_message(cfg.train.output_dir, student["identity"], cfg.model.name_or_path)
+        other = other_student_message(run.output_dir, started["identity"], started["model"], section, model_key)
         if other:
             raise FinishedRunError(other)
         planned_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
-        finished = finished_run_message(resume, planned_steps, cfg.train)
+        finished = finished_run_message(resume, planned_steps, run, section)
         if finished:
             raise FinishedRunError(finished)
         log.info("resuming from %s (%d optimizer steps planned)", resume, planned_steps)
     if args.process_index == 0:
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        write_text(Path(cfg.train.output_dir) / "experiment.yaml", config_text)
-        write_json(Path(cfg.train.output_dir) / STUDENT_FILE, student)
-        log.info("resolved config: %s", Path(cfg.train.output_dir) / "experiment.yaml")
+        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+        write_text(Path(run.output_dir) / "experiment.yaml", config_text)
+        write_json(Path(run.output_dir) / STUDENT_FILE, started)
+        log.info("resolved config: %s", Path(run.output_dir) / "experiment.yaml")
         log.debug("resolved config:\n%s", config_text)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_state()
     if preemption.stopped:
         log.warning("stopped early on request (%s): the next run resumes from the checkpoint just saved",
                     preemption.stop_file)
-        return None
-    if not cfg.train.export:
-        return None
-    return export_model(trainer, Path(cfg.train.output_dir) / "hf", "exported student", "train.output_dir")
+        return False
+    return True
 
 
 def export_model(trainer: Trainer, hf_dir: Path, role: str, key: str) -> Path | None:

@@ -12,7 +12,6 @@ or reference folder, pairs, a finished run) before any step, 1 = a failure a rer
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -26,24 +25,14 @@ from distil.data import DataError
 from distil.ledger import LedgerError
 from distil.logs import route_libraries, setup
 from distil.model_check import ModelInputError, check_model_dir
-from distil.ranks import close_process_groups, enable_stack_dumps, exit_now, leave_together
-
-LAUNCH_HINT = "deepspeed --num_gpus N launch/align.py --config CONFIG.yaml [--deepspeed ds_configs/zero3.json]"
+from distil.ranks import close_process_groups, exit_now, leave_together, recipe_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML")
-    parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides train.deepspeed)")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    parser.add_argument("--verbose", action="store_true", help="print DeepSpeed's, transformers' and TRL's logs too")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. align.beta=0.2")
-    args = parser.parse_args(argv)
-    enable_stack_dumps()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        print(f"error: launch/align.py runs under the DeepSpeed launcher:\n  {LAUNCH_HINT}", file=sys.stderr)
+    parsed = recipe_arguments(__doc__, argv, "launch/align.py", "align.beta=0.2", "zero3")
+    if parsed is None:
         return 2
-    overrides = list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
+    args, overrides = parsed
     try:
         cfg = load_config(args.config, overrides)
         check_training(without_ledger(cfg))  # the DeepSpeed JSON

@@ -12,7 +12,6 @@ input (config, student model, ledger, finished run) before any step, 1 = a failu
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -24,25 +23,15 @@ from distil.data import DataError
 from distil.ledger import LedgerError
 from distil.logs import route_libraries, setup
 from distil.model_check import ModelInputError, check_model_dir
-from distil.ranks import close_process_groups, enable_stack_dumps, exit_now, leave_together
+from distil.ranks import close_process_groups, exit_now, leave_together, recipe_arguments
 from distil.teacher_topk import TopkStoreError
-
-LAUNCH_HINT = "deepspeed --num_gpus N launch/train.py --config CONFIG.yaml [--deepspeed ds_configs/zero2.json]"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="experiment YAML")
-    parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides train.deepspeed)")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    parser.add_argument("--verbose", action="store_true", help="print DeepSpeed's and transformers' logs too")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. loss.gamma=1.0")
-    args = parser.parse_args(argv)
-    enable_stack_dumps()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        print(f"error: launch/train.py runs under the DeepSpeed launcher:\n  {LAUNCH_HINT}", file=sys.stderr)
+    parsed = recipe_arguments(__doc__, argv, "launch/train.py", "loss.gamma=1.0")
+    if parsed is None:
         return 2
-    overrides = list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
+    args, overrides = parsed
     try:
         cfg = load_config(args.config, overrides)
         check_training(cfg)
