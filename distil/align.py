@@ -44,6 +44,8 @@ def dpo_rows(pairs: list[dict], reports: dict[str, dict], tokenizer, max_length:
     """TRL's conversational preference rows {prompt, chosen, rejected} of the ok pairs, the report cut so
     that prompt + the longer answer fit `max_length` tokens; and how many pairs did not fit at all."""
     rows, too_long = [], 0
+    empty_prompt = {lang: len(tokenizer(render_prompt(tokenizer, "summarize", lang, ""), add_special_tokens=False)
+                              ["input_ids"]) for lang in {p["lang"] for p in pairs}}
     for pair in pairs:
         if pair["status"] != "ok":
             continue
@@ -54,7 +56,7 @@ def dpo_rows(pairs: list[dict], reports: dict[str, dict], tokenizer, max_length:
         lang = record["lang"]
         longest = max(len(answer_ids(tokenizer, "summarize", lang, pair[k])) for k in ("chosen", "rejected"))
         budget = max_length - longest
-        if budget <= len(tokenizer(render_prompt(tokenizer, "summarize", lang, ""), add_special_tokens=False)["input_ids"]):
+        if budget <= empty_prompt[lang]:
             too_long += 1
             continue
         report, _ = report_within(tokenizer, "summarize", lang, record["report"], budget)
@@ -104,6 +106,7 @@ def dpo_arguments(cfg: ExperimentConfig, on_cpu: bool):
 
 def align(cfg: ExperimentConfig) -> Path | None:
     """DPO under the DeepSpeed launcher; returns the aligned model folder (rank 0) or None."""
+    import datasets
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
@@ -116,7 +119,8 @@ def align(cfg: ExperimentConfig) -> Path | None:
     reference = a.reference or policy
     backend = choose_backend(cfg.model.attn_implementation, precision=cfg.train.precision)
     attention = PADDED.get(backend.attn_implementation, backend.attn_implementation)
-    deepspeed.init_distributed(dist_backend=backend.dist_backend, timeout=collective_timeout(cfg.train.collective_timeout_s))
+    timeout = collective_timeout(cfg.train.collective_timeout_s)
+    deepspeed.init_distributed(dist_backend=backend.dist_backend, timeout=timeout)  # before the models (ZeRO-3)
     args = dpo_arguments(cfg, backend.on_cpu)
     if backend.on_cpu:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -124,16 +128,16 @@ def align(cfg: ExperimentConfig) -> Path | None:
     rows = load_pairs(cfg, tokenizer)
 
     def load(path: str):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.train.precision], attn_implementation=attention)
-
-    import datasets
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.train.precision],
+                                                    attn_implementation=attention)
 
     if not verbose():  # TRL tokenizes the pairs with datasets.map: its bars are noise in the job's log
         datasets.disable_progress_bars()
     config_text = dump_config(cfg)
     preemption = SaveAndStopCallback.from_env()  # SLURM's pre-termination signal (slurm/align.sbatch)
-    trainer = AlignTrainer(model=load(policy), ref_model=load(reference), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                           processing_class=tokenizer, callbacks=[SaveConfigCallback(config_text), preemption])
+    trainer = AlignTrainer(model=load(policy), ref_model=load(reference), args=args,
+                           train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                           callbacks=[SaveConfigCallback(config_text), preemption])
     run = replace(cfg.train, output_dir=a.output_dir, num_epochs=a.num_epochs, max_steps=a.max_steps, export=True)
     started = {"model": policy, "identity": model_identity(policy)}
     log.info("DPO of %s against %s: beta %g, loss %s, %d pairs, attention %s", policy,

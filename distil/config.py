@@ -27,8 +27,8 @@ from distil.options import LANGUAGES, ConfigError, option, raise_if, require
 from distil.teacher_config import CombineConfig, Teacher, TeacherConfig, annotation_key
 
 __all__ = ["ConfigError", "LANGUAGES", "DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "TeacherConfig",
-           "EvalConfig", "SlurmConfig", "CombineConfig", "MergeConfig", "AlignConfig", "ExperimentConfig", "Teacher", "load_config", "teachers",
-           "check_training", "dump_config", "reference_table"]
+           "EvalConfig", "SlurmConfig", "CombineConfig", "MergeConfig", "AlignConfig", "ExperimentConfig", "Teacher",
+           "load_config", "teachers", "check_training", "dump_config", "reference_table"]
 
 
 @dataclass

@@ -256,6 +256,29 @@ def test_pairs_of_other_settings_are_refused(pairs):
     assert "align.pairs_path" in proc.stderr
 
 
+def test_dpo_rows_cut_the_report_never_an_answer(tiny_model):
+    from transformers import AutoTokenizer
+
+    from distil.align import dpo_rows
+    from distil.tokenization import answer_ids, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    report = " ".join(f"finding {i} of the patient" for i in range(400))
+    reports = {"r": {"id": "r", "lang": "en", "report": report}, "s": {"id": "s", "lang": "en", "report": "short"}}
+    pairs = [{"id": "r", "lang": "en", "status": "ok", "chosen": "A short summary.", "rejected": "Loop loop loop loop."},
+             {"id": "s", "lang": "en", "status": "same", "chosen": "x", "rejected": None},
+             {"id": "s", "lang": "en", "status": "ok", "chosen": "word " * 300, "rejected": "y"}]
+    rows, too_long = dpo_rows(pairs, reports, tok, max_length=256)
+    assert too_long == 1 and len(rows) == 1  # the 'same' pair trains nothing; 300 words of answer cannot fit
+    row = rows[0]
+    assert row["chosen"] == [{"role": "assistant", "content": "A short summary."}]
+    cut = row["prompt"][1]["content"]
+    assert report.startswith(cut) and len(cut) < len(report)  # the report's tail went
+    prompt = len(tok(render_prompt(tok, "summarize", "en", cut), add_special_tokens=False)["input_ids"])
+    longest = max(len(answer_ids(tok, "summarize", "en", a)) for a in ("A short summary.", "Loop loop loop loop."))
+    assert prompt + longest <= 256
+
+
 # --- DPO --------------------------------------------------------------------------------------------
 
 
