@@ -27,6 +27,15 @@ def recipe_arguments(doc: str, argv: list[str] | None, script: str, example: str
     return args, list(args.overrides) + ([f"train.deepspeed={args.deepspeed}"] if args.deepspeed else [])
 
 
+def log_per_rank(log_file, verbose: bool) -> None:
+    """Every rank's lines into `log_file`; on the terminal rank 0 at INFO, the other ranks their errors only
+    (their warnings repeat rank 0's)."""
+    from distil.logs import setup
+
+    rank = int(os.environ["RANK"])
+    setup(log_file, verbose, logging.INFO if rank == 0 else logging.ERROR, f"%(asctime)s rank{rank} %(name)s: %(message)s")
+
+
 def leave_together() -> None:
     """Every rank waits here until rank 0 has exported and checked the model, so no rank closes its
     process groups while a peer still uses them."""

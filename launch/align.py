@@ -12,8 +12,6 @@ or reference folder, pairs, a finished run) before any step, 1 = a failure a rer
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,9 +21,9 @@ from distil.checkpoints import FinishedRunError
 from distil.config import ConfigError, check_training, load_config
 from distil.data import DataError
 from distil.ledger import LedgerError
-from distil.logs import route_libraries, setup
+from distil.logs import route_libraries
 from distil.model_check import ModelInputError, check_model_dir
-from distil.ranks import close_process_groups, exit_now, leave_together, recipe_arguments
+from distil.ranks import close_process_groups, exit_now, leave_together, log_per_rank, recipe_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rank = int(os.environ["RANK"])
-    setup(Path(cfg.align.output_dir) / "align.log", args.verbose, logging.INFO if rank == 0 else logging.ERROR,
-          f"%(asctime)s rank{rank} %(name)s: %(message)s")
+    log_per_rank(Path(cfg.align.output_dir) / "align.log", args.verbose)
     from distil.align import align
 
     route_libraries()

@@ -12,8 +12,6 @@ input (config, student model, ledger, finished run) before any step, 1 = a failu
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -21,9 +19,9 @@ from distil.checkpoints import FinishedRunError
 from distil.config import ConfigError, check_training, load_config
 from distil.data import DataError
 from distil.ledger import LedgerError
-from distil.logs import route_libraries, setup
+from distil.logs import route_libraries
 from distil.model_check import ModelInputError, check_model_dir
-from distil.ranks import close_process_groups, exit_now, leave_together, recipe_arguments
+from distil.ranks import close_process_groups, exit_now, leave_together, log_per_rank, recipe_arguments
 from distil.teacher_topk import TopkStoreError
 
 
@@ -39,10 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rank = int(os.environ["RANK"])
-    # other ranks print errors only (their warnings repeat rank 0's); train.log holds every rank's lines
-    setup(Path(cfg.train.output_dir) / "train.log", args.verbose, logging.INFO if rank == 0 else logging.ERROR,
-          f"%(asctime)s rank{rank} %(name)s: %(message)s")
+    log_per_rank(Path(cfg.train.output_dir) / "train.log", args.verbose)
     from distil.trainer import train
 
     route_libraries()  # DeepSpeed and transformers log through handlers of their own
