@@ -16,6 +16,11 @@ def policy_path(align: "AlignConfig", train_output_dir: str) -> str:
     return align.policy or f"{train_output_dir.rstrip('/')}/hf"
 
 
+def policy_key(align: "AlignConfig") -> str:
+    """Where policy_path came from, for errors."""
+    return "align.policy" if align.policy else "train.output_dir (its hf/ export; or set align.policy)"
+
+
 @dataclass
 class MergeConfig:
     method: Literal["linear", "task_arithmetic", "ties"] = option(

@@ -36,6 +36,22 @@ def log_per_rank(log_file, verbose: bool) -> None:
     setup(log_file, verbose, logging.INFO if rank == 0 else logging.ERROR, f"%(asctime)s rank{rank} %(name)s: %(message)s")
 
 
+def run_together(work, user_errors: tuple[type[BaseException], ...]) -> int:
+    """Run a recipe's `work` on this rank; exit status 0 ("model: <folder>" on rank 0), or 2 for `user_errors`.
+    The ranks leave together and close their process groups whatever happens."""
+    try:
+        model = work()
+        leave_together()
+    except user_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        close_process_groups()
+    if model:
+        print(f"model: {model}")
+    return 0
+
+
 def leave_together() -> None:
     """Every rank waits here until rank 0 has exported and checked the model, so no rank closes its
     process groups while a peer still uses them."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distil.align_config import policy_path
+from distil.align_config import policy_key, policy_path
 from distil.atomic import blocking_file
 from distil.checkpoints import FinishedRunError
 from distil.config import ConfigError, check_training, load_config
@@ -23,7 +23,7 @@ from distil.data import DataError
 from distil.ledger import LedgerError
 from distil.logs import route_libraries
 from distil.model_check import ModelInputError, check_model_dir
-from distil.ranks import close_process_groups, exit_now, leave_together, log_per_rank, recipe_arguments
+from distil.ranks import exit_now, log_per_rank, recipe_arguments, run_together
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{cfg.source}: align.output_dir={cfg.align.output_dir}: {blocker} is a file; pass a "
                               "folder for the checkpoints and the aligned model")
         policy = policy_path(cfg.align, cfg.train.output_dir)
-        check_model_dir(policy, "policy to align", "align.policy" if cfg.align.policy else
-                        "train.output_dir (its hf/ export; or set align.policy)")
+        check_model_dir(policy, "policy to align", policy_key(cfg.align))
         if cfg.align.reference:
             check_model_dir(cfg.align.reference, "DPO reference", "align.reference")
     except (ConfigError, ModelInputError) as exc:
@@ -49,17 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from distil.align import align
 
     route_libraries()
-    try:
-        hf_dir = align(cfg)
-        leave_together()
-    except (ConfigError, DataError, FinishedRunError, LedgerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        close_process_groups()
-    if hf_dir:
-        print(f"model: {hf_dir}")
-    return 0
+    return run_together(lambda: align(cfg), (ConfigError, DataError, FinishedRunError, LedgerError))
 
 
 def without_ledger(cfg):

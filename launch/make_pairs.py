@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from distil.align_config import policy_path
+from distil.align_config import policy_key, policy_path
 from distil.atomic import blocking_file
 from distil.backend import scoped_environ
 from distil.config import ConfigError, load_config
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--limit {args.limit}: must be a positive number of reports")
         cfg = load_config(args.config, args.overrides)
         policy = policy_path(cfg.align, cfg.train.output_dir)
-        key = "align.policy" if cfg.align.policy else "train.output_dir (its hf/ export; or set align.policy)"
-        check_model_dir(policy, "policy to align", key)
+        check_model_dir(policy, "policy to align", policy_key(cfg.align))
         pairs = Path(cfg.align.pairs_path)
         if blocker := blocking_file(pairs.parent):
             raise ConfigError(f"{cfg.source}: align.pairs_path={pairs}: {blocker} is a file; pass a path in a folder")

@@ -21,7 +21,7 @@ from distil.data import DataError
 from distil.ledger import LedgerError
 from distil.logs import route_libraries
 from distil.model_check import ModelInputError, check_model_dir
-from distil.ranks import close_process_groups, exit_now, leave_together, log_per_rank, recipe_arguments
+from distil.ranks import exit_now, log_per_rank, recipe_arguments, run_together
 from distil.teacher_topk import TopkStoreError
 
 
@@ -42,22 +42,15 @@ def main(argv: list[str] | None = None) -> int:
 
     route_libraries()  # DeepSpeed and transformers log through handlers of their own
 
-    try:
+    def work():
         callbacks = []
         if cfg.eval.callback_steps > 0:  # summaries of a validation subset every N steps (rank 0 generates)
             from eval.callback import GenerationEvalCallback
 
             callbacks.append(GenerationEvalCallback(cfg))
-        hf_dir = train(cfg, callbacks)
-        leave_together()
-    except (ConfigError, DataError, FinishedRunError, TopkStoreError, LedgerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        close_process_groups()
-    if hf_dir:
-        print(f"model: {hf_dir}")
-    return 0
+        return train(cfg, callbacks)
+
+    return run_together(work, (ConfigError, DataError, FinishedRunError, TopkStoreError, LedgerError))
 
 
 if __name__ == "__main__":
