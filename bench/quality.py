@@ -296,11 +296,7 @@ def align_arm(args, common: list[str], max_new: int, env: dict) -> list[str]:
 def record_pace(path: Path, key_info: Path, name: str) -> None:
     """Keep Stage 1's pace per teacher and pass (key information, summaries, top-k) from the run that did the
     work: a resumed run that had nothing to do leaves the measured one in place."""
-    summary = json.loads(key_info.with_suffix(".summary.json").read_text())
-    if "teachers" in summary:  # several teachers in one job: the one just run is the last with work
-        summary = next((one for one in reversed(summary["teachers"].values())
-                        if one.get("this_run", {}).get("annotated") or one.get("teacher_summaries", {}).get(
-                            "this_run", {}).get("annotated")), {})
+    summary = json.loads(key_info.with_suffix(".summary.json").read_text())  # one teacher per Stage 1 run here
     passes = {"key_info": summary.get("this_run", {}), "teacher_summaries":
               summary.get("teacher_summaries", {}).get("this_run", {}), "topk": summary.get("topk", {})}
     kept = json.loads(path.read_text()) if path.is_file() else {}
