@@ -34,6 +34,11 @@ After Stage 2 (docs/align.md), from arms already done, each paired with its pare
   dpo               the best fine-tuned arm aligned with DPO (launch/make_pairs.py, launch/align.py): its own
                     worst samples of the labelled and unlabelled reports rejected, the gold (teacher) summaries
                     chosen; --dpo-learning-rate, --dpo-beta
+And on-policy distillation (docs/onpolicy.md):
+  onpolicy          distil_kd's examples over --onpolicy-rounds rounds (one pass in all: its supervised tokens),
+                    each round the student answering its share of the train and unlabelled reports, the teacher
+                    grading every sampled token (launch/onpolicy.py; weight --onpolicy-weight, divergence
+                    --onpolicy-beta); paired with standard_matched and distil_kd, per-round seconds recorded
 The teacher folder is not kept; its Stage 1 outputs and its fingerprint (teacher_model.json) are, so a
 fresh clone trains the remaining arms without it.
 Each arm is evaluated on the whole test split with the project's evaluation (launch/evaluate.py);
@@ -81,7 +86,8 @@ MULTI_ARMS = {"multi_each": "distil", "multi_best_grounded": "distil", "multi_mi
 # after Stage 2 (docs/align.md), from arms already done: `merged` = the linear soup of the best distillation arm and
 # standard_matched, `dpo` = DPO of the best fine-tuned arm against its own worst samples; each paired with its parents
 AFTER_ARMS = ("merged", "dpo")
-DISTILLATION_ARMS = ("distil", "distil_kd", "seqkd", "distil_seqkd")
+ONPOLICY_ARMS = ("onpolicy",)
+DISTILLATION_ARMS = ("distil", "distil_kd", "seqkd", "distil_seqkd", "onpolicy")
 METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "unsupported_numbers", "novel_terms", "repeat4")
 LOWER_IS_BETTER = ("unsupported_numbers", "novel_terms", "repeat4")
 GOLD = ("ref_copy4", "ref_unsupported_numbers", "ref_novel_terms", "ref_repeat4")  # the test references' own rates
@@ -293,6 +299,17 @@ def align_arm(args, common: list[str], max_new: int, env: dict) -> list[str]:
     return [parent]
 
 
+def onpolicy_arm(args, common: list[str], kd: list[str], gamma: float, env: dict) -> dict:
+    """`onpolicy`: launch/onpolicy.py from the base model with distil_kd's loss; returns its rounds' records."""
+    out = args.work / "onpolicy"
+    if not (out / "hf" / "config.json").is_file():
+        run([sys.executable, "launch/onpolicy.py", "--config", args.config, "--launcher", args.launcher, *common,
+             f"loss.gamma={gamma}", *kd, f"onpolicy.output_dir={out}", f"onpolicy.rounds={args.onpolicy_rounds}",
+             f"onpolicy.weight={args.onpolicy_weight}", f"onpolicy.beta={args.onpolicy_beta}",
+             "onpolicy.splits=[train,unlabelled]"], args.work / "logs" / "onpolicy.log", env)
+    return [json.loads((out / f"round-{r:03d}" / "round.json").read_text()) for r in range(args.onpolicy_rounds)]
+
+
 def record_pace(path: Path, key_info: Path, name: str) -> None:
     """Keep Stage 1's pace per teacher and pass (key information, summaries, top-k) from the run that did the
     work: a resumed run that had nothing to do leaves the measured one in place."""
@@ -351,9 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="loss.teacher_summary_weight of the seqkd arms")
     parser.add_argument("--second-teacher", help="trained teacher: the other teacher of the multi_* arms (default: "
                                                  "the student's base model, model.name_or_path)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS)
+    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS + ONPOLICY_ARMS)
     parser.add_argument("--dpo-learning-rate", type=float, default=2e-6, help="align.learning_rate of the dpo arm")
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="align.beta of the dpo arm")
+    parser.add_argument("--onpolicy-rounds", type=int, default=4, help="onpolicy.rounds of the onpolicy arm")
+    parser.add_argument("--onpolicy-weight", type=float, default=0.5, help="onpolicy.weight (lambda) of the onpolicy arm")
+    parser.add_argument("--onpolicy-beta", type=float, default=1.0, help="onpolicy.beta of the onpolicy arm (1 = reverse KL)")
     parser.add_argument("--kd-alpha", type=float, default=1.0, help="loss.kd_alpha of the distil_kd arm")
     parser.add_argument("--kd-beta", type=float, default=0.5, help="loss.kd_beta of the distil_kd arm (0.5 = JSD)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
@@ -368,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         args.unlabelled_reports = 200 if args.teacher_reports else 0
     if args.train_reports is None:
         args.train_reports = 60 if args.trained_teacher else 160
-    all_arms = ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS if args.teacher_reports else ARMS
+    all_arms = ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS + ONPOLICY_ARMS if args.teacher_reports else ARMS
     args.arms = args.arms or list(all_arms)
     if not args.teacher_reports and set(args.arms) - set(ARMS):
         raise SystemExit(f"error: arms {sorted(set(args.arms) - set(ARMS))} need a trained teacher "
@@ -449,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             parents = merge_arms(args, common, env)
         elif arm == "dpo":
             parents = align_arm(args, common, max_new, env)
+        elif arm == "onpolicy":
+            rounds = onpolicy_arm(args, common, kd, cfg.loss.gamma, {**env, "OMP_NUM_THREADS": "1"})
+            train_tokens = {**budget["distil"], "epochs": 1.0}
         elif plan[arm] is not None:
             gamma, arm_overrides, *arm_epochs = plan[arm]
             arm_epochs = arm_epochs[0] if arm_epochs else epochs
@@ -471,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                   "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
                   "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1),
                   **({"parents": parents} if parents else {}), "eval_pace": eval_pace(eval_dir, arm),
+                  **({"onpolicy": {"rounds": rounds, "weight": args.onpolicy_weight, "beta": args.onpolicy_beta}}
+                     if arm == "onpolicy" else {}),
                   **({"kd": {"alpha": args.kd_alpha, "beta": args.kd_beta, "temperature": 1.0,
                              "topk": cfg.teacher.topk_logprobs, "store": store_size(key_info)}}
                      if arm == "distil_kd" else {}),
@@ -482,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     done = {arm: json.loads((results_dir / f"{arm}.json").read_text()) for arm in all_arms
             if (results_dir / f"{arm}.json").is_file()}
     pairs = PAIRS if not args.teacher_reports else tuple(
-        (arm, "standard_matched") for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", "teacher"))
+        (arm, "standard_matched") for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", "onpolicy", "teacher"))
+    pairs += (("onpolicy", "distil_kd"),) if args.teacher_reports else ()
     pairs += tuple((arm, parent) for arm in AFTER_ARMS if arm in done for parent in done[arm].get("parents", []))
     multi = {f"{arm}_minus_best_single": paired(done[arm]["per_report"], done[single]["per_report"],
                                                 cfg.eval.bootstrap_samples, cfg.eval.seed)

@@ -1,6 +1,6 @@
 """One experiment = one YAML file. Each top-level section maps to one dataclass (`teacher` and `combine` in
-distil/teacher_config.py, `eval` in distil/eval_config.py, `merge` and `align` in distil/align_config.py, the
-others here).
+distil/teacher_config.py, `eval` in distil/eval_config.py, `merge` and `align` in distil/align_config.py,
+`onpolicy` in distil/onpolicy_config.py, the others here).
 
 Defaults live only in those files. Loading is strict: an unknown key, a value of the wrong type
 or out of range is an error naming the file and the dotted key, and all errors are reported
@@ -23,11 +23,13 @@ import yaml
 from distil.align_config import AlignConfig, MergeConfig
 from distil.atomic import blocking_file
 from distil.eval_config import EvalConfig
+from distil.onpolicy_config import OnPolicyConfig
 from distil.options import LANGUAGES, ConfigError, option, raise_if, require
 from distil.teacher_config import CombineConfig, Teacher, TeacherConfig, annotation_key
 
 __all__ = ["ConfigError", "LANGUAGES", "DataConfig", "ModelConfig", "LossConfig", "TrainConfig", "TeacherConfig",
-           "EvalConfig", "SlurmConfig", "CombineConfig", "MergeConfig", "AlignConfig", "ExperimentConfig", "Teacher",
+           "EvalConfig", "SlurmConfig", "CombineConfig", "MergeConfig", "AlignConfig", "OnPolicyConfig",
+           "ExperimentConfig", "Teacher",
            "load_config", "teachers", "check_training", "dump_config", "reference_table"]
 
 
@@ -238,6 +240,7 @@ class ExperimentConfig:
     combine: CombineConfig = field(default_factory=CombineConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     source: str | None = field(default=None, metadata={"help": "File the config was read from (set by the loader)."})
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,10 +38,21 @@ MISSING_ID = -1  # a top-k column whose teacher token the student lacks (see the
 
 @dataclass(frozen=True)
 class KDTerm:
-    """loss.kd_alpha, kd_beta, kd_temperature of the config."""
+    """loss.kd_alpha, kd_beta, kd_temperature of the config; onpolicy_beta (onpolicy.beta) is the divergence on the
+    student's own samples (distil/onpolicy.py), which may differ from the one on the teachers' answers."""
     alpha: float
     beta: float = 0.5
     temperature: float = 1.0
+    onpolicy_beta: float | None = None
+
+    def divergence(self, logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor,
+                   onpolicy: torch.Tensor) -> torch.Tensor:
+        """token_kd with `beta` on the teachers' answers and `onpolicy_beta` where `onpolicy` [n] is true."""
+        if self.onpolicy_beta is None or self.onpolicy_beta == self.beta:
+            return token_kd(logits, teacher_ids, teacher_log_probs, self.beta, self.temperature)
+        student, teacher = buckets(logits, teacher_ids, teacher_log_probs, self.temperature)
+        return torch.where(onpolicy, generalized_jsd(student, teacher, self.onpolicy_beta),
+                           generalized_jsd(student, teacher, self.beta))  # the tables are [n, k + 1]: both are cheap
 
 
 def bucket_log_probs(log_probs_topk: torch.Tensor, log_rest: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -87,12 +98,17 @@ def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Te
     return beta * _kl(teacher_log_probs, mixture) + (1.0 - beta) * _kl(student_log_probs, mixture)
 
 
+def buckets(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor,
+            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's [n, k + 1] bucket log-probs of the same positions."""
+    ids = teacher_ids.long()
+    teacher_log_probs = teacher_log_probs.masked_fill(ids == MISSING_ID, float("-inf"))  # its mass: the rest
+    return student_buckets(logits, ids, temperature), teacher_buckets(teacher_log_probs, temperature)
+
+
 def token_kd(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_log_probs: torch.Tensor,
              beta: float, temperature: float) -> torch.Tensor:
     """[n] fp32 divergence of the student's next-token distribution (logits [n, V]) from the teacher's
     top-k ([n, k] ids, [n, k] log-probs) at each position. Ids are in [0, V) or MISSING_ID (checked where
     the store is read, distil.teacher_topk)."""
-    ids = teacher_ids.long()
-    teacher_log_probs = teacher_log_probs.masked_fill(ids == MISSING_ID, float("-inf"))  # its mass: the rest
-    return generalized_jsd(student_buckets(logits, ids, temperature), teacher_buckets(teacher_log_probs, temperature),
-                           beta)
+    return generalized_jsd(*buckets(logits, teacher_ids, teacher_log_probs, temperature), beta)

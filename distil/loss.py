@@ -13,6 +13,11 @@ and ranks. Pure torch, no distributed code here.
 With token-level distillation (loss.kd_alpha = alpha > 0, distil/kd_loss.py) a token's loss is
 ce + alpha * kd, normalized by the same counts: L = gamma * (L_sum + alpha * KD_sum)
 + (1 - gamma) * (L_ext + alpha * KD_ext) + w * (L_teacher + alpha * KD_teacher).
+
+On-policy distillation (distil/onpolicy.py, weight lambda = onpolicy.weight) adds two kinds, the student's own
+samples of either prompt: no gold answer, so no cross-entropy; their tokens carry the KD divergence alone
+(onpolicy.beta), and L = (1 - lambda) * [the supervised L above] + lambda * (gamma * KD_student_sum
++ (1 - gamma) * KD_student_ext), each mean again over the step's tokens of its kind.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from distil.prompts import TASK_IDS
 from distil.tokenization import IGNORE
 
 SUMMARIZE, EXTRACT, TEACHER_SUMMARY = TASK_IDS["summarize"], TASK_IDS["extract"], TASK_IDS["teacher_summary"]
+STUDENT_SUMMARY, STUDENT_EXTRACT = TASK_IDS["student_summary"], TASK_IDS["student_extract"]
 KINDS = len(TASK_IDS)
 
 
@@ -55,14 +61,22 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_tok
     return chunked(_cross_entropy_fp32, chunk_tokens, logits, targets)
 
 
-def kind_weights(gamma: float, teacher_summary_weight: float = 0.0) -> list[float]:
-    """Weight of each kind's mean loss: [gamma, 1 - gamma, teacher_summary_weight]."""
-    return [gamma, 1.0 - gamma, teacher_summary_weight]
+def kind_weights(gamma: float, teacher_summary_weight: float = 0.0, onpolicy_weight: float = 0.0) -> list[float]:
+    """Weight of each kind's mean loss: the supervised kinds [gamma, 1 - gamma, teacher_summary_weight] times
+    (1 - onpolicy_weight), then the student's own samples [gamma, 1 - gamma] times onpolicy_weight."""
+    keep = 1.0 - onpolicy_weight
+    return [keep * gamma, keep * (1.0 - gamma), keep * teacher_summary_weight,
+            onpolicy_weight * gamma, onpolicy_weight * (1.0 - gamma)]
+
+
+def is_onpolicy(token_task: torch.Tensor) -> torch.Tensor:
+    """Which tokens are the student's own samples: KD only, they have no answer to imitate."""
+    return (token_task == STUDENT_SUMMARY) | (token_task == STUDENT_EXTRACT)
 
 
 def task_token_counts(target_ids: torch.Tensor, task_ids: torch.Tensor,
                       token_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Labelled tokens per kind [summarize, extract, teacher_summary]; with token_weights (the same shape:
+    """Labelled tokens per kind (distil.prompts.TASKS); with token_weights (the same shape:
     several teachers' answers, distil/combine.py) the sum of their weights."""
     labelled = target_ids != IGNORE
     if token_weights is None:
@@ -71,7 +85,7 @@ def task_token_counts(target_ids: torch.Tensor, task_ids: torch.Tensor,
 
 
 def task_sums(values: torch.Tensor, token_task: torch.Tensor) -> torch.Tensor:
-    """Sums of per-token values [N] per kind [summarize, extract, teacher_summary]."""
+    """Sums of per-token values [N] per kind (distil.prompts.TASKS)."""
     return torch.stack([values[token_task == kind].sum() for kind in range(KINDS)])
 
 
@@ -82,11 +96,11 @@ def distil_loss(token_loss: torch.Tensor, token_task: torch.Tensor, weights: lis
     token_loss:  [N] fp32 loss of the labelled tokens of this micro-batch: the cross-entropy, plus
                  kd_alpha * the KD divergence where the teacher's top-k are used (the KD term is then
                  normalized, and weighted per kind, exactly like the cross-entropy)
-    token_task:  [N] kind of each token (SUMMARIZE, EXTRACT or TEACHER_SUMMARY)
-    weights:     [3] per kind (kind_weights)
-    step_counts: [3] labelled tokens per kind over the whole optimizer step (all micro-batches,
+    token_task:  [N] kind of each token (distil.prompts.TASK_IDS)
+    weights:     [KINDS] per kind (kind_weights)
+    step_counts: [KINDS] labelled tokens per kind over the whole optimizer step (all micro-batches,
                  all ranks). A kind with no token in the step contributes 0, never NaN.
-    Returns (loss, per-kind sums of token_loss [3], for logging).
+    Returns (loss, per-kind sums of token_loss [KINDS], for logging).
     """
     sums = task_sums(token_loss, token_task)
     w = torch.tensor(weights, dtype=sums.dtype, device=sums.device)
@@ -102,19 +116,22 @@ def step_loss(token_ce: torch.Tensor, token_kd: torch.Tensor | None, token_task:
 
     token_ce:    [N] cross-entropy of the labelled tokens
     token_kd:    [N] KD divergence from the teacher's top-k (0 where a token has none), or None (KD off);
-                 a token's loss is then ce + kd_alpha * kd
-    weights:     [3] per kind (kind_weights)
-    step_counts: [3] labelled tokens per kind over the whole step, all ranks (see distil_loss)
+                 a token's loss is then ce + kd_alpha * kd, and kd alone for the student's own samples (is_onpolicy)
+    weights:     [KINDS] per kind (kind_weights)
+    step_counts: [KINDS] labelled tokens per kind over the whole step, all ranks (see distil_loss)
     world_size:  ranks averaging the gradients: DeepSpeed divides by it, while the counts already span
                  every rank, so the loss is multiplied back
     token_weights: [N] per labelled token (its example's weight), or None (all 1); each kind's loss is then
                  the weighted mean, step_counts the step's sums of weights (task_token_counts)
-    Returns (loss, parts [6]: cross-entropy summed per kind, then KD summed per kind, weighted alike).
+    Returns (loss, parts [2 * KINDS]: cross-entropy summed per kind, then KD summed per kind, weighted alike).
     """
     if token_weights is not None:
         token_ce = token_ce * token_weights
         token_kd = token_kd * token_weights if token_kd is not None else None
-    token_loss = token_ce if token_kd is None else token_ce + kd_alpha * token_kd
+    if token_kd is None:
+        token_loss = token_ce.masked_fill(is_onpolicy(token_task), 0.0)  # no teacher: the student's samples teach nothing
+    else:
+        token_loss = torch.where(is_onpolicy(token_task), token_kd, token_ce + kd_alpha * token_kd)
     loss, _ = distil_loss(token_loss, token_task, weights, step_counts)
     kd_sums = task_sums(token_kd, token_task) if token_kd is not None else token_ce.new_zeros(KINDS)
     parts = torch.cat([task_sums(token_ce, token_task), kd_sums]).detach()

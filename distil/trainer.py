@@ -31,8 +31,9 @@ from distil.checkpoints import (STUDENT_FILE, FinishedRunError, finished_run_mes
 from distil.config import ExperimentConfig, dump_config, teachers
 from distil.dataset import load_train_rows
 from distil.fingerprint import model_identity
-from distil.kd_loss import KDTerm, token_kd
-from distil.loss import KINDS, chunked, chunked_cross_entropy, kind_weights, step_loss, task_token_counts
+from distil.kd_loss import KDTerm
+from distil.loss import (KINDS, STUDENT_EXTRACT, STUDENT_SUMMARY, chunked, chunked_cross_entropy, is_onpolicy,
+                         kind_weights, step_loss, task_token_counts)
 from distil.model_check import check_model_dir
 from distil.packing import attention_inputs, collate_packed
 from distil.preemption import SaveAndStopCallback
@@ -61,9 +62,9 @@ def packed_loss(model, batch: dict, weights: list[float], step_counts: torch.Ten
     logits = outputs.logits[0]
     token_ce = chunked_cross_entropy(logits, targets[labelled], chunk_tokens)
     kd_per_token = None
-    if kd is not None and kd.alpha > 0 and "teacher_ids" in batch:
-        divergence = chunked(lambda z, i, lp: token_kd(z, i, lp, kd.beta, kd.temperature), chunk_tokens,
-                             logits, batch["teacher_ids"][0], batch["teacher_log_probs"][0])
+    if kd is not None and "teacher_ids" in batch:
+        divergence = chunked(kd.divergence, chunk_tokens, logits, batch["teacher_ids"][0],
+                             batch["teacher_log_probs"][0], is_onpolicy(tasks[labelled]))
         kd_per_token = divergence * batch["teacher_mask"][0].to(divergence.dtype)
     token_weights = batch["token_weights"][0][labelled] if "token_weights" in batch else None
     loss, parts = step_loss(token_ce, kd_per_token, tasks[labelled], weights, kd.alpha if kd else 0.0, step_counts,
@@ -87,9 +88,10 @@ class DistilTrainer(KeepTiedWeights, Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, gamma: float, lm_head_chunk_tokens: int, kd: KDTerm | None = None,
-                 trace_dir: Path | None = None, teacher_summary_weight: float = 0.0, **kwargs):
+                 trace_dir: Path | None = None, teacher_summary_weight: float = 0.0, onpolicy_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.weights = kind_weights(gamma, teacher_summary_weight)
+        self.weights = kind_weights(gamma, teacher_summary_weight, onpolicy_weight)
         self.lm_head_chunk_tokens = lm_head_chunk_tokens
         self.kd = kd
         self.trace_dir = trace_dir
@@ -140,8 +142,8 @@ class DistilTrainer(KeepTiedWeights, Trainer):
                                     "examples": inputs["example_ids"]}) + "\n")
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Add L_sum, L_ext, L_teacher (loss_teacher_sum), the KD divergence per token (loss_kd) and tokens/s
-        (all ranks) to each log line."""
+        """Add L_sum, L_ext, L_teacher (loss_teacher_sum), the KD divergence per token (loss_kd; kd_onpolicy: on the
+        student's own samples) and tokens/s (all ranks) to each log line."""
         if "loss" in logs:
             acc = self._since_log
             totals = torch.cat([acc["sums"], acc["count"], torch.tensor([float(acc["tokens"])], dtype=torch.float64)])
@@ -153,6 +155,9 @@ class DistilTrainer(KeepTiedWeights, Trainer):
                     logs[name] = round((sums[kind] / count[kind]).item(), 6)
             if count[KINDS] > 0:
                 logs["loss_kd"] = round((sums[KINDS:].sum() / count[KINDS]).item(), 6)
+            own = count[STUDENT_SUMMARY] + count[STUDENT_EXTRACT]
+            if own > 0:
+                logs["kd_onpolicy"] = round(((sums[KINDS + STUDENT_SUMMARY] + sums[KINDS + STUDENT_EXTRACT]) / own).item(), 6)
             elapsed = time.perf_counter() - acc["time"]
             logs["tokens_per_s"] = round(tokens / max(elapsed, 1e-9), 1)
             self._since_log = self._fresh_log()
@@ -236,11 +241,14 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
     if backend.on_cpu:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    kd = KDTerm(cfg.loss.kd_alpha, cfg.loss.kd_beta, cfg.loss.kd_temperature) if cfg.loss.kd_alpha > 0 else None
+    onpolicy = cfg.onpolicy.round >= 0  # a round of launch/onpolicy.py: the student's samples come too
+    kd = KDTerm(cfg.loss.kd_alpha, cfg.loss.kd_beta, cfg.loss.kd_temperature,
+                cfg.onpolicy.beta if onpolicy else None) if cfg.loss.kd_alpha > 0 or onpolicy else None
     rows, _ = load_train_rows(tokenizer, cfg.data.prepared_dir, cfg.data.key_info_path, cfg.loss.gamma,
-                              cfg.train.max_length, cfg.train.pack_length, kd=kd is not None,
+                              cfg.train.max_length, cfg.train.pack_length, kd=cfg.loss.kd_alpha > 0,
                               student=cfg.model.name_or_path, teachers=teachers(cfg), text_rule=cfg.combine.text,
-                              teacher_summary_weight=cfg.loss.teacher_summary_weight)
+                              teacher_summary_weight=cfg.loss.teacher_summary_weight,
+                              onpolicy=cfg if onpolicy else None)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, dtype=DTYPES[cfg.train.precision], attn_implementation=backend.attn_implementation)
     config_text = dump_config(cfg)
@@ -252,11 +260,16 @@ def train(cfg: ExperimentConfig, callbacks: list[TrainerCallback] = ()) -> Path 
         model=model, args=args, train_dataset=rows, data_collator=collate_packed, processing_class=tokenizer,
         callbacks=own + list(callbacks), gamma=cfg.loss.gamma, lm_head_chunk_tokens=cfg.loss.lm_head_chunk_tokens,
         kd=kd, trace_dir=trace_dir, teacher_summary_weight=cfg.loss.teacher_summary_weight,
+        onpolicy_weight=cfg.onpolicy.weight if onpolicy else 0.0,
     )
     student = {"model": cfg.model.name_or_path, "identity": model_identity(cfg.model.name_or_path)}
     if not train_resumably(trainer, cfg.train, student, config_text, preemption) or not cfg.train.export:
         return None
-    return export_model(trainer, Path(cfg.train.output_dir) / "hf", "exported student", "train.output_dir")
+    started = time.perf_counter()
+    hf = export_model(trainer, Path(cfg.train.output_dir) / "hf", "exported student", "train.output_dir")
+    if hf is not None:  # what the export cost (on-policy rounds report it, distil/onpolicy.py)
+        write_json(Path(cfg.train.output_dir) / "export.json", {"seconds": round(time.perf_counter() - started, 3)})
+    return hf
 
 
 def train_resumably(trainer: Trainer, run, started: dict, config_text: str, preemption: SaveAndStopCallback,

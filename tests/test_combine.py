@@ -108,13 +108,13 @@ def test_weighted_examples_give_each_kind_its_weighted_mean_over_the_step():
     task = torch.tensor([SUMMARIZE, SUMMARIZE, EXTRACT, EXTRACT])
     w = torch.tensor([1.0, 1.0, 0.75, 0.25])  # two teachers' extraction answers, 3:1
     counts = task_token_counts(torch.tensor([5, 5, 5, 5]), task, w)
-    assert counts.tolist() == [2.0, 1.0, 0.0]
+    assert counts.tolist() == [2.0, 1.0, 0.0, 0.0, 0.0]
     loss, parts = step_loss(ce, None, task, kind_weights(0.8), 0.0, counts, world_size=1, token_weights=w)
     # L_sum = 2, L_ext = (0.75*2 + 0.25*6) / 1 = 3; L = 0.8*2 + 0.2*3 = 2.2
     assert loss.item() == pytest.approx(2.2) and parts[:3].tolist() == [4.0, 3.0, 0.0]
     # a weighted count below 1 is a real denominator, not clamped to 1
     half, _ = distil_loss(torch.tensor([4.0]), torch.tensor([EXTRACT]) * 1, kind_weights(0.0),
-                          torch.tensor([0.0, 0.5, 0.0]))
+                          torch.tensor([0.0, 0.5, 0.0, 0.0, 0.0]))
     assert half.item() == pytest.approx(8.0)
 
 

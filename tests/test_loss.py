@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import free_port
-from distil.loss import (EXTRACT, SUMMARIZE, TEACHER_SUMMARY, chunked_cross_entropy, distil_loss, kind_weights,
-                         step_loss, task_token_counts)
+from distil.loss import (EXTRACT, STUDENT_EXTRACT, STUDENT_SUMMARY, SUMMARIZE, TEACHER_SUMMARY, chunked_cross_entropy,
+                         distil_loss, kind_weights, step_loss, task_token_counts)
 from distil.packing import collate_packed
 from distil.tokenization import IGNORE, encode_example
 from distil.trainer import packed_loss
@@ -22,12 +22,12 @@ GAMMA = 0.8
 def test_distil_loss_hand_computed():
     ce = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0])
     task = torch.tensor([SUMMARIZE, SUMMARIZE, EXTRACT, EXTRACT, EXTRACT])
-    loss, sums = distil_loss(ce, task, kind_weights(0.8), torch.tensor([2, 3, 0]))
+    loss, sums = distil_loss(ce, task, kind_weights(0.8), torch.tensor([2, 3, 0, 0, 0]))
     # L_sum = (1+3)/2 = 2, L_ext = (2+4+6)/3 = 4, L = 0.8*2 + 0.2*4 = 2.4
     assert loss.item() == pytest.approx(2.4, abs=1e-6)
-    assert sums.tolist() == [4.0, 12.0, 0.0]
+    assert sums.tolist() == [4.0, 12.0, 0.0, 0.0, 0.0]
     # the same tokens seen as one micro-batch of a step with 4 + 6 labelled tokens in total
-    part, _ = distil_loss(ce, task, kind_weights(0.8), torch.tensor([4, 6, 0]))
+    part, _ = distil_loss(ce, task, kind_weights(0.8), torch.tensor([4, 6, 0, 0, 0]))
     assert part.item() == pytest.approx(0.8 * 4 / 4 + 0.2 * 12 / 6, abs=1e-6)
 
 
@@ -35,45 +35,67 @@ def test_step_loss_mixes_kd_per_token_and_undoes_the_rank_average():
     ce = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0])
     kd = torch.tensor([0.5, 0.0, 1.0, 1.0, 0.0])  # 0 where a token has no teacher top-k
     task = torch.tensor([SUMMARIZE, SUMMARIZE, EXTRACT, EXTRACT, EXTRACT])
-    loss, parts = step_loss(ce, kd, task, kind_weights(0.8), 2.0, torch.tensor([4, 6, 0]), world_size=2)
+    loss, parts = step_loss(ce, kd, task, kind_weights(0.8), 2.0, torch.tensor([4, 6, 0, 0, 0]), world_size=2)
     # tokens: ce + 2*kd = [2, 3 | 4, 6, 6]; L = (0.8 * 5/4 + 0.2 * 16/6) * 2 ranks
     assert loss.item() == pytest.approx((0.8 * 5 / 4 + 0.2 * 16 / 6) * 2, abs=1e-6)
-    assert parts.tolist() == [4.0, 12.0, 0.0, 0.5, 2.0, 0.0]  # CE per kind, then KD per kind
-    plain, parts = step_loss(ce, None, task, kind_weights(0.8), 2.0, torch.tensor([2, 3, 0]), world_size=1)  # KD off
-    assert plain.item() == pytest.approx(2.4, abs=1e-6) and parts.tolist() == [4.0, 12.0, 0.0, 0.0, 0.0, 0.0]
+    assert parts.tolist() == [4.0, 12.0, 0.0, 0.0, 0.0, 0.5, 2.0, 0.0, 0.0, 0.0]  # CE per kind, then KD
+    plain, parts = step_loss(ce, None, task, kind_weights(0.8), 2.0, torch.tensor([2, 3, 0, 0, 0]), world_size=1)  # KD off
+    assert plain.item() == pytest.approx(2.4, abs=1e-6) and parts.tolist() == [4.0, 12.0] + [0.0] * 8
 
 
 def test_gamma_one_and_missing_task_give_no_nan():
     ce = torch.tensor([2.0, 4.0])
     task = torch.tensor([SUMMARIZE, SUMMARIZE])
-    loss, _ = distil_loss(ce, task, kind_weights(1.0), torch.tensor([2, 0, 0]))
+    loss, _ = distil_loss(ce, task, kind_weights(1.0), torch.tensor([2, 0, 0, 0, 0]))
     assert loss.item() == pytest.approx(3.0)
     empty, _ = distil_loss(torch.zeros(0), torch.zeros(0, dtype=torch.long), kind_weights(0.8, 0.5),
-                           torch.tensor([0, 0, 0]))
+                           torch.tensor([0, 0, 0, 0, 0]))
     assert empty.item() == 0.0 and not math.isnan(empty.item())
 
 
 def test_task_token_counts():
     targets = torch.tensor([[IGNORE, 5, 6, IGNORE, 7, IGNORE]])
     tasks = torch.tensor([[0, 0, 0, 1, 1, 2]])
-    assert task_token_counts(targets, tasks).tolist() == [2, 1, 0]
+    assert task_token_counts(targets, tasks).tolist() == [2, 1, 0, 0, 0]
     tasks = torch.tensor([[0, 0, 2, 2, 2, 1]])
-    assert task_token_counts(targets, tasks).tolist() == [1, 0, 2]
+    assert task_token_counts(targets, tasks).tolist() == [1, 0, 2, 0, 0]
+    tasks = torch.tensor([[3, 3, 4, 4, 4, 0]])
+    assert task_token_counts(targets, tasks).tolist() == [0, 0, 0, 1, 2]
 
 
 def test_three_kinds_each_normalized_by_its_own_step_count():
     ce = torch.tensor([1.0, 3.0, 2.0, 4.0, 6.0, 5.0, 7.0])
     task = torch.tensor([SUMMARIZE, SUMMARIZE, EXTRACT, EXTRACT, EXTRACT, TEACHER_SUMMARY, TEACHER_SUMMARY])
-    loss, sums = distil_loss(ce, task, kind_weights(0.8, 0.5), torch.tensor([2, 3, 2]))
+    loss, sums = distil_loss(ce, task, kind_weights(0.8, 0.5), torch.tensor([2, 3, 2, 0, 0]))
     # L_sum = 4/2 = 2, L_ext = 12/3 = 4, L_teacher = 12/2 = 6; L = 0.8*2 + 0.2*4 + 0.5*6 = 5.4
     assert loss.item() == pytest.approx(5.4, abs=1e-6)
-    assert sums.tolist() == [4.0, 12.0, 12.0]
+    assert sums.tolist() == [4.0, 12.0, 12.0, 0.0, 0.0]
     # a step with 8 teacher-summary tokens in all: this micro-batch adds 0.5 * 12/8 for that kind
-    part, _ = distil_loss(ce, task, kind_weights(0.8, 0.5), torch.tensor([2, 3, 8]))
+    part, _ = distil_loss(ce, task, kind_weights(0.8, 0.5), torch.tensor([2, 3, 8, 0, 0]))
     assert part.item() == pytest.approx(0.8 * 2 + 0.2 * 4 + 0.5 * 12 / 8, abs=1e-6)
     # off (w = 0): the teacher summaries' tokens change nothing
-    off, _ = distil_loss(ce, task, kind_weights(0.8), torch.tensor([2, 3, 2]))
+    off, _ = distil_loss(ce, task, kind_weights(0.8), torch.tensor([2, 3, 2, 0, 0]))
     assert off.item() == pytest.approx(2.4, abs=1e-6)
+
+
+def test_onpolicy_weights_split_lambda_by_gamma():
+    assert kind_weights(0.8, 0.5, 0.25) == pytest.approx([0.6, 0.15, 0.375, 0.2, 0.05])
+    assert kind_weights(0.8) == pytest.approx([0.8, 0.2, 0.0, 0.0, 0.0])  # off: the supervised loss alone
+    assert kind_weights(1.0, 0.0, 1.0) == pytest.approx([0.0, 0.0, 0.0, 1.0, 0.0])  # on-policy only, summaries only
+
+
+def test_student_samples_carry_kd_alone_normalized_by_their_own_count():
+    ce = torch.tensor([1.0, 3.0, 9.0, 9.0, 9.0])  # the student's own tokens: their CE is never a loss
+    kd = torch.tensor([0.5, 0.5, 2.0, 4.0, 3.0])
+    task = torch.tensor([SUMMARIZE, SUMMARIZE, STUDENT_SUMMARY, STUDENT_SUMMARY, STUDENT_EXTRACT])
+    weights = kind_weights(0.8, 0.0, 0.5)  # [0.4, 0.1, 0, 0.4, 0.1]
+    loss, parts = step_loss(ce, kd, task, weights, 2.0, torch.tensor([2, 0, 0, 2, 1]), world_size=1)
+    # summarize: (1 + 2*0.5 + 3 + 2*0.5) / 2 = 3; student_summary: (2 + 4) / 2 = 3; student_extract: 3 / 1 = 3
+    assert loss.item() == pytest.approx(0.4 * 3 + 0.4 * 3 + 0.1 * 3, abs=1e-6)
+    assert parts.tolist() == [4.0, 0.0, 0.0, 18.0, 9.0, 1.0, 0.0, 0.0, 6.0, 3.0]
+    # without a KD term the samples teach nothing (and give no NaN)
+    none, _ = step_loss(ce, None, task, weights, 2.0, torch.tensor([2, 0, 0, 2, 1]), world_size=1)
+    assert none.item() == pytest.approx(0.4 * 4 / 2, abs=1e-6)
 
 
 def test_chunked_cross_entropy_matches_full_in_value_and_gradient():
