@@ -19,7 +19,8 @@ from distil.align_config import policy_path
 from distil.config import ConfigError, ExperimentConfig, SlurmConfig, load_config
 
 ENV_PREFIX = "DISTIL_SLURM_"
-STAGES = ("stage1", "stage2", "align", "eval")  # pipeline order; align (after Stage 2) runs only when named
+# pipeline order; onpolicy (Stage 2 in rounds, docs/onpolicy.md) and align (after Stage 2) run only when named
+STAGES = ("stage1", "stage2", "onpolicy", "align", "eval")
 
 
 def env_overrides(environ: Mapping[str, str]) -> list[str]:
@@ -59,15 +60,16 @@ def sbatch_options(cfg: ExperimentConfig, stage: str, config_name: str = "") -> 
     name = f"distil-{stage}" + (f"-{config_name}" if config_name else "")
     options = [f"--job-name={name}", f"--output={s.log_dir}/%x-%j.out"]
     options += [f"--{key}={getattr(s, key)}" for key in ("partition", "account", "qos") if getattr(s, key)]
-    nodes = {"stage1": s.stage1_nodes, "stage2": s.stage2_nodes, "align": s.stage2_nodes, "eval": 1}[stage]
+    nodes = {"stage1": s.stage1_nodes, "stage2": s.stage2_nodes, "align": s.stage2_nodes, "eval": 1,
+             "onpolicy": s.stage1_nodes + s.stage2_nodes}[stage]  # the teacher's nodes + the student's
     gpus = s.eval_gpus if stage == "eval" else s.gpus_per_node
     minutes = {"stage1": s.stage1_minutes, "stage2": s.stage2_minutes, "align": s.stage2_minutes,
-               "eval": s.eval_minutes}[stage]
+               "onpolicy": s.stage2_minutes, "eval": s.eval_minutes}[stage]
     options += [f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={s.cpus_per_node}",
                 f"--gpus-per-node={gpus}", f"--time={minutes}"]
     if s.mem is not None:
         options.append(f"--mem={s.mem}")
-    if stage in ("stage2", "align"):
+    if stage in ("stage2", "onpolicy", "align"):
         options += [f"--signal=B:USR1@{s.save_before_timeout_s}", "--requeue"]
     return options + list(s.extra_args)
 
@@ -89,6 +91,8 @@ def stage_variables(cfg: ExperimentConfig) -> dict[str, str]:
         "DISTIL_ALIGN_POLICY": policy_path(cfg.align, cfg.train.output_dir),
         "DISTIL_ALIGN_PAIRS_PATH": cfg.align.pairs_path,
         "DISTIL_ALIGN_OUTPUT_DIR": cfg.align.output_dir,
+        "DISTIL_STAGE1_NODES": str(s.stage1_nodes),
+        "DISTIL_ONPOLICY_OUTPUT_DIR": cfg.onpolicy.output_dir,
         "DISTIL_LOG_DIR": s.log_dir,
         "DISTIL_SLURM_ENV_SETUP": s.env_setup or "",
     }

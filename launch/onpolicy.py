@@ -80,6 +80,9 @@ def trainer(config: str, overrides: list[str], launcher: list[str], output_dir: 
         if status != 0:
             raise RoundTrainingError(f"round {r}: training ({shlex.join(command[:len(launcher) + 1])} ...) exited "
                                      f"{status}; its log: {out / 'train.log'}", bad_input=status == 2)
+        if not (out / "hf" / "config.json").is_file():  # it saved and stopped on request (SLURM's time limit)
+            raise RoundTrainingError(f"round {r}: training stopped before its end (a checkpoint is saved in {out}); "
+                                     "rerun to resume it", bad_input=False)
         export = out / "export.json"
         return json.loads(export.read_text())["seconds"] if export.is_file() else 0.0
 

@@ -132,3 +132,77 @@ run_deepspeed_job() {
     "from the newest complete checkpoint in $output_dir"
   log "done: $output_dir/hf"
 }
+
+# Stage 1 and the on-policy rounds: a Ray cluster on nodes $@ (head on the first, a worker on each other one, each
+# an `srun --overlap` step so they share the job's CPUs); returns when `ray status` shows every node and GPU.
+# Ray listens on the nodes' cluster addresses (NodeAddr), never 0.0.0.0, on this job's ports (job_port 0-8),
+# and only clients holding this job's token get in (RAY_AUTH_MODE=token: others on the cluster network cannot
+# submit code to it, and a token another Ray left in ~/.ray/auth_token does not decide the mode). Sets GCS
+# (HEAD:port, what a driver's RAY_ADDRESS is) and DASHBOARD (the job API); Ray stops on every exit path of the
+# script, cancellation included (trap).
+start_ray_cluster() {
+  RAY_NODES=("$@")
+  export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token
+  RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
+  export RAY_AUTH_TOKEN
+  HEAD_ADDR=$(node_address "${RAY_NODES[0]}")
+  GCS=$HEAD_ADDR:$(job_port 0)
+  DASHBOARD=http://$HEAD_ADDR:$(job_port 1)
+  export RAY_TMP=/tmp/ray-distil-$SLURM_JOB_ID  # node-local and short: Ray's socket paths must stay under 108 bytes
+  NODE_OPTIONS=(--node-manager-port="$(job_port 3)" --object-manager-port="$(job_port 4)"
+                --metrics-export-port="$(job_port 5)" --dashboard-agent-listen-port="$(job_port 6)"
+                --dashboard-agent-grpc-port="$(job_port 7)" --runtime-env-agent-port="$(job_port 8)"
+                --num-cpus="$DISTIL_CPUS_PER_NODE" --num-gpus="$DISTIL_GPUS_PER_NODE" --temp-dir="$RAY_TMP"
+                --disable-usage-stats --block)
+  # shellcheck disable=SC2046  # one port per word
+  check_ports_free "$HEAD_ADDR" $(for i in $(seq 0 8); do job_port "$i"; done)
+  # The srun steps running `ray start --block`. SIGTERM makes each stop its node's Ray (raylet, workers,
+  # the driver's actors, vLLM engines) and exit; on cancellation SLURM signals them too.
+  RAY_STEPS=()
+  trap stop_ray EXIT
+  trap 'log "cancelled"; exit 143' TERM INT
+  log "Ray head $GCS, dashboard $DASHBOARD, on ${RAY_NODES[*]}"
+  srun --overlap --nodes=1 --ntasks=1 -w "${RAY_NODES[0]}" ray start --head --node-ip-address="$HEAD_ADDR" \
+    --port="$(job_port 0)" --ray-client-server-port="$(job_port 2)" --include-dashboard=true \
+    --dashboard-host="$HEAD_ADDR" --dashboard-port="$(job_port 1)" "${NODE_OPTIONS[@]}" &
+  RAY_STEPS+=($!)
+  wait_for_ray 1 "$DISTIL_GPUS_PER_NODE"
+  local node
+  for node in "${RAY_NODES[@]:1}"; do
+    # a worker removes its node-local Ray folder when its Ray stops (the trap lets `ray start` finish first)
+    srun --overlap --nodes=1 --ntasks=1 -w "$node" bash -c 'trap true TERM; ray start "$@"; rm -rf "$RAY_TMP"' \
+      ray-worker --address="$GCS" --node-ip-address="$(node_address "$node")" "${NODE_OPTIONS[@]}" &
+    RAY_STEPS+=($!)
+  done
+  wait_for_ray "${#RAY_NODES[@]}" $((${#RAY_NODES[@]} * DISTIL_GPUS_PER_NODE))
+  log "Ray is up: ${#RAY_NODES[@]} node(s), $((${#RAY_NODES[@]} * DISTIL_GPUS_PER_NODE)) GPU(s)"
+}
+
+stop_ray() {
+  trap - EXIT TERM INT
+  log "stopping Ray on ${RAY_NODES[*]}"
+  local pid
+  for pid in "${RAY_STEPS[@]}"; do kill -TERM "$pid" 2> /dev/null || true; done
+  rm -rf "$RAY_TMP"  # now: on cancellation SLURM may SIGKILL this script while Ray drains
+  for pid in "${RAY_STEPS[@]}"; do wait "$pid" 2> /dev/null || true; done
+}
+
+# Poll until Ray reports $1 nodes and $2 GPUs (and the job API answers), or fail after slurm.ray_start_timeout_s.
+wait_for_ray() {
+  local deadline=$((SECONDS + DISTIL_RAY_START_TIMEOUT_S)) status="" nodes=0 gpus=0 pid
+  while true; do
+    for pid in "${RAY_STEPS[@]}"; do
+      kill -0 "$pid" 2> /dev/null || fail "a 'ray start' step exited early; its output is above; resubmit"
+    done
+    status=$(ray status --address="$GCS" 2> /dev/null || true)
+    nodes=$(awk '/^Node status/ {on = 1} /^Pending:/ {on = 0} on && $2 ~ /^node_/ {n += $1} END {print n + 0}' <<< "$status")
+    gpus=$(awk '$2 == "GPU" {split($1, a, "/"); n = a[2]} END {print int(n)}' <<< "$status")
+    if ((nodes >= $1 && gpus >= $2)) && ray job list --address="$DASHBOARD" > /dev/null 2>&1; then
+      return 0
+    fi
+    ((SECONDS < deadline)) || fail "after ${DISTIL_RAY_START_TIMEOUT_S}s (slurm.ray_start_timeout_s) Ray has" \
+      "$nodes of $1 node(s) and $gpus of $2 GPU(s); check the worker steps' output above, then resubmit" \
+      "(or raise slurm.ray_start_timeout_s). ray status:"$'\n'"$status"
+    sleep 2
+  done
+}

@@ -1,10 +1,12 @@
 #!/bin/bash
 # The whole pipeline on SLURM: Stage 1 (teacher annotation) -> Stage 2 (distil-tuning) -> evaluation, and
-# alignment (DPO, docs/align.md) between Stage 2 and evaluation when --stages names it.
+# alignment (DPO, docs/align.md) between Stage 2 and evaluation when --stages names it; on-policy rounds
+# (docs/onpolicy.md: the teacher on slurm.stage1_nodes, the student on slurm.stage2_nodes of one allocation)
+# after Stage 1 when --stages names onpolicy.
 # Each job starts only when the one before it succeeded (afterok); when one fails, SLURM cancels the
 # rest (--kill-on-invalid-dep=yes).
 #
-#   slurm/pipeline.sh [--dry-run] [--stages stage1,stage2,[align,]eval] CONFIG.yaml [section.key=value ...]
+#   slurm/pipeline.sh [--dry-run] [--stages stage1,stage2,[onpolicy,][align,]eval] CONFIG.yaml [section.key=value ...]
 #
 # sbatch options come from the config's slurm section, DISTIL_SLURM_<KEY> variables and the overrides
 # (launch/slurm_args.py), never from editing the templates. Prints "<stage> <job id>" per job;
@@ -12,7 +14,7 @@
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
-usage() { sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 dry_run=0
 stages=stage1,stage2,eval
@@ -35,12 +37,12 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
 IFS=, read -r -a STAGES <<< "$stages"
-order=" stage1 stage2 align eval "
+order=" stage1 stage2 onpolicy align eval "
 last=-1
 for stage in "${STAGES[@]}"; do
-  [[ $order == *" $stage "* ]] || die "unknown stage '$stage' in --stages; use stage1, stage2, align, eval"
+  [[ $order == *" $stage "* ]] || die "unknown stage '$stage' in --stages; use stage1, stage2, onpolicy, align, eval"
   position=$(( $(awk -v s="$stage" '{for (i = 1; i <= NF; i++) if ($i == s) print i}' <<< "$order") ))
-  (( position > last )) || die "--stages must be in pipeline order (stage1,stage2,align,eval), got $stages"
+  (( position > last )) || die "--stages must be in pipeline order (stage1,stage2,onpolicy,align,eval), got $stages"
   last=$position
 done
 (( dry_run )) || command -v sbatch > /dev/null || die "sbatch not found: run on a SLURM login node, or use --dry-run"

