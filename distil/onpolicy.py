@@ -19,31 +19,23 @@ folder onpolicy.output_dir/round-NNN/:
 Every step writes a ledger or checkpoints, so a kill anywhere resumes where it stopped: no report is sampled
 or scored twice, none is lost, and the round trains on exactly its samples. The last round's export is
 published at onpolicy.output_dir/hf.
+
+Here: what every step agrees on (the shares, the folders, the samples as training examples). The steps
+themselves: eval/samples.py (1), teacher_serving/score_samples.py (2), launch/onpolicy.py (the rounds, 3).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import random
-import time
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from distil.atomic import write_json
 from distil.config import ExperimentConfig
 from distil.data import DataError, read_prepared
-from distil.fingerprint import model_identity
-from distil.ledger import Ledger, read_ledger
+from distil.ledger import read_ledger
 from distil.loss import kind_weights
-from distil.prompts import PROMPT_VERSION, STUDENT_KIND, TASK_IDS
-from distil.teacher_config import record_key
-from distil.teacher_topk import TopkStore, TopkStoreError, sequence_fingerprint, token_count, tokenizer_fingerprint
+from distil.prompts import STUDENT_KIND, TASK_IDS
+from distil.teacher_topk import TopkStore, TopkStoreError, token_count
 from distil.tokenization import IGNORE
-
-log = logging.getLogger(__name__)
 
 SAMPLES, STORE, TRAIN, ROUND = "samples.jsonl", "topk", "train", "round.json"
 
@@ -101,106 +93,6 @@ def end_of_turn_id(tokenizer, task: str = "summarize") -> int:
     return answer_ids(tokenizer, task, "en", "x")[-1]
 
 
-def sample_round(cfg: ExperimentConfig, r: int, engine_for: Callable[[str, object], object] | None = None) -> dict:
-    """Step 1: the student's answers for round r (only those not in samples.jsonl yet); counts, never text."""
-    from eval.generate import Decoding, check_meta, open_engine, prompt_ids
-
-    o = cfg.onpolicy
-    folder = round_dir(o.output_dir, r)
-    policy, tasks = policy_of(cfg, r), sampled_tasks(cfg)
-    e = replace(cfg.eval, temperature=o.temperature, max_new_tokens=o.max_new_tokens)
-    path = folder / SAMPLES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    check_meta(path, {"model": model_identity(policy), "tasks": tasks, "temperature": o.temperature,
-                      "seed": o.seed + r, "max_new_tokens": o.max_new_tokens, "max_length": cfg.train.max_length,
-                      "prompt_version": PROMPT_VERSION}, "samples", "onpolicy.output_dir")
-    wanted = [(record, task) for record in round_reports(cfg, r) for task in tasks]
-    with Ledger(path, key=sample_key) as ledger:
-        todo = [(rec, task) for rec, task in wanted if f"{task}:{rec['id']}" not in ledger.done]
-        stats = {"samples": len(wanted), "already_done": len(wanted) - len(todo), "sampled": 0, "cut": 0,
-                 "truncated": 0, "answer_tokens": 0, "engine_start_s": 0.0, "generate_s": 0.0}
-        if not todo:
-            return stats
-        started = time.perf_counter()
-        engine = (engine_for or open_engine)(policy, e)
-        stats["engine_start_s"] = round(time.perf_counter() - started, 3)
-        try:
-            end, stops = end_of_turn_id(engine.tokenizer), set(engine.tokenizer.all_special_ids)
-            budget = min(e.max_model_len, cfg.train.max_length) - o.max_new_tokens
-            for start in range(0, len(todo), e.batch_size):
-                batch = todo[start:start + e.batch_size]
-                prompts = [prompt_ids(engine.tokenizer, rec, task, budget) for rec, task in batch]
-                started = time.perf_counter()
-                completions = engine.generate([p for p, _ in prompts], Decoding(o.max_new_tokens, o.temperature,
-                                                                                o.seed + r))
-                stats["generate_s"] = round(stats["generate_s"] + time.perf_counter() - started, 3)
-                rows = []
-                for (rec, task), (prompt, cut), c in zip(batch, prompts, completions):
-                    answer = answer_tokens(c.token_ids, c.finish_reason, end, stops)
-                    rows.append({"id": rec["id"], "task": task, "lang": rec["lang"], "input_ids": prompt + answer,
-                                 "prompt_tokens": len(prompt), "finish_reason": c.finish_reason, "truncated": cut})
-                ledger.append(rows)
-                stats["sampled"] += len(rows)
-                stats["cut"] += sum(row["finish_reason"] == "length" for row in rows)
-                stats["truncated"] += sum(row["truncated"] for row in rows)
-                stats["answer_tokens"] += sum(len(row["input_ids"]) - row["prompt_tokens"] for row in rows)
-                log.info("round %d: %d/%d answers sampled", r, stats["already_done"] + stats["sampled"], len(wanted))
-        finally:
-            engine.close()
-    return stats
-
-
-def score_round(cfg: ExperimentConfig, r: int, pool) -> dict:
-    """Step 2: the teacher's top-k over every sampled answer of round r not yet in its store; counts."""
-    from transformers import AutoTokenizer
-
-    from teacher_serving.pool import ScoreRequest, drive
-    from teacher_serving.topk import ScoreJob, TopkWriter, score_key
-
-    t = cfg.teacher
-    folder = round_dir(cfg.onpolicy.output_dir, r)
-    samples = read_ledger(folder / SAMPLES)
-    tokenizer = AutoTokenizer.from_pretrained(t.tokenizer or t.model)
-    key = score_key(cfg)
-    writer = TopkWriter(folder / STORE, tokenizer_fingerprint(tokenizer), key, t.model)
-    try:
-        by_report: dict[str, ScoreJob] = {}
-        counts = Counter()
-        for row in samples:
-            if record_key(row["id"], key) in writer.index.done:
-                continue
-            if len(row["input_ids"]) >= t.max_model_len:  # the engine adds one token
-                counts["too_long"] += 1
-                continue
-            job = by_report.setdefault(row["id"], ScoreJob({"id": row["id"]}, {}))
-            kind = STUDENT_KIND[row["task"]]
-            job.sequences[kind] = {"prompt_token_ids": row["input_ids"], "first": row["prompt_tokens"]}
-            job.fingerprints[kind] = sequence_fingerprint(row["input_ids"])
-        jobs = list(by_report.values())
-        tokens = 0
-
-        def accept(answered: list) -> list:
-            nonlocal tokens
-            writer.append(answered)
-            tokens += sum(len(ids) for _, arrays in answered for ids, _ in arrays.values())
-            counts["scored"] += len(answered)
-            return []
-
-        started = time.perf_counter()
-        if jobs:
-            pool.start()  # the engines start once, in the first round with work; later rounds find them up
-        teacher_start = time.perf_counter() - started
-        started = time.perf_counter()
-        if jobs:
-            counts += drive(pool, jobs, lambda job: ScoreRequest(t.topk_logprobs, job.sequences), accept,
-                            t.max_attempts)
-        return {"reports": counts["scored"], "failed": counts["failed"], "too_long": counts["too_long"],
-                "answer_tokens": tokens, "teacher_start_s": round(teacher_start, 3),
-                "seconds": round(time.perf_counter() - started, 3)}
-    finally:
-        writer.close()
-
-
 def student_examples(cfg: ExperimentConfig, tokenizer) -> tuple[list[dict], int]:
     """Step 3's on-policy examples of round onpolicy.round: each sample of samples.jsonl as it was sampled
     (labels over its answer), with the teacher's top-k of the round's store; and how many samples have
@@ -241,42 +133,3 @@ def publish_final(cfg: ExperimentConfig) -> Path:
     shutil.copytree(last, staged)
     publish_dir(staged, final)
     return final
-
-
-def run_rounds(cfg: ExperimentConfig, pool, train_round: Callable[[int, str], float],
-               engine_for: Callable | None = None) -> dict:
-    """Every round not yet exported: sample, score (on `pool`, kept up across the rounds), then
-    `train_round(r, policy)` (returns its export's seconds); each round's seconds per phase go to round.json,
-    added up over the runs a kill split it into. Returns {round: its round.json}."""
-    done = {}
-    for r in range(cfg.onpolicy.rounds):
-        folder = round_dir(cfg.onpolicy.output_dir, r)
-        record_path = folder / ROUND
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {
-            "round": r, "policy": policy_of(cfg, r), "seconds": {"sample": 0.0, "score": 0.0, "train": 0.0,
-                                                                 "export": 0.0}}
-        if (folder / TRAIN / "hf" / "config.json").is_file():
-            done[r] = record
-            continue
-        phases = []
-        t0 = time.perf_counter()
-        record["sample"] = sample_round(cfg, r, engine_for)
-        phases.append(("sample", time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        record["score"] = score_round(cfg, r, pool)
-        if record["score"]["failed"]:
-            raise RuntimeError(f"round {r}: the teacher failed to score {record['score']['failed']} report(s) "
-                               f"({folder / STORE}); rerun to retry them (nothing done is lost)")
-        phases.append(("score", time.perf_counter() - t0))
-        for name, seconds in phases:
-            record["seconds"][name] = round(record["seconds"][name] + seconds, 3)
-        write_json(record_path, record, indent=1)
-        t0 = time.perf_counter()
-        export_s = train_round(r, policy_of(cfg, r))
-        record["seconds"]["train"] = round(record["seconds"]["train"] + time.perf_counter() - t0 - export_s, 3)
-        record["seconds"]["export"] = round(record["seconds"]["export"] + export_s, 3)
-        write_json(record_path, record, indent=1)
-        log.info("round %d of %d done: %s", r + 1, cfg.onpolicy.rounds, record["seconds"])
-        done[r] = record
-    publish_final(cfg)
-    return done

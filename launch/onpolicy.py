@@ -18,19 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
+from distil.atomic import write_json
 from distil.backend import scoped_environ
-from distil.config import ConfigError, check_training, load_config
+from distil.config import ConfigError, ExperimentConfig, check_training, load_config
 from distil.data import DataError
 from distil.logs import engine_log_env, setup
 from distil.model_check import ModelInputError, check_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("launch.onpolicy")
 
 
 class RoundTrainingError(RuntimeError):
@@ -67,7 +72,7 @@ def check_inputs(cfg) -> None:
 
 
 def trainer(config: str, overrides: list[str], launcher: list[str], output_dir: str):
-    """train_round for distil.onpolicy.run_rounds: round r's training as its own DeepSpeed job."""
+    """train_round for run_rounds: round r's training as its own DeepSpeed job."""
     from distil.onpolicy import TRAIN, round_dir
 
     def train_round(r: int, policy: str) -> float:
@@ -89,6 +94,49 @@ def trainer(config: str, overrides: list[str], launcher: list[str], output_dir: 
     return train_round
 
 
+def run_rounds(cfg: ExperimentConfig, pool, train_round: Callable[[int, str], float],
+               engine_for: Callable | None = None) -> dict:
+    """Every round not yet exported: sample, score (on `pool`, kept up across the rounds), then
+    `train_round(r, policy)` (returns its export's seconds); each round's seconds per phase go to round.json,
+    added up over the runs a kill split it into. Returns {round: its round.json}."""
+    from distil.onpolicy import ROUND, STORE, TRAIN, policy_of, publish_final, round_dir
+    from eval.samples import sample_round
+    from teacher_serving.score_samples import score_round
+
+    done = {}
+    for r in range(cfg.onpolicy.rounds):
+        folder = round_dir(cfg.onpolicy.output_dir, r)
+        record_path = folder / ROUND
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {
+            "round": r, "policy": policy_of(cfg, r), "seconds": {"sample": 0.0, "score": 0.0, "train": 0.0,
+                                                                 "export": 0.0}}
+        if (folder / TRAIN / "hf" / "config.json").is_file():
+            done[r] = record
+            continue
+        phases = []
+        t0 = time.perf_counter()
+        record["sample"] = sample_round(cfg, r, engine_for)
+        phases.append(("sample", time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        record["score"] = score_round(cfg, r, pool)
+        if record["score"]["failed"]:
+            raise RuntimeError(f"round {r}: the teacher failed to score {record['score']['failed']} report(s) "
+                               f"({folder / STORE}); rerun to retry them (nothing done is lost)")
+        phases.append(("score", time.perf_counter() - t0))
+        for name, seconds in phases:
+            record["seconds"][name] = round(record["seconds"][name] + seconds, 3)
+        write_json(record_path, record, indent=1)
+        t0 = time.perf_counter()
+        export_s = train_round(r, policy_of(cfg, r))
+        record["seconds"]["train"] = round(record["seconds"]["train"] + time.perf_counter() - t0 - export_s, 3)
+        record["seconds"]["export"] = round(record["seconds"]["export"] + export_s, 3)
+        write_json(record_path, record, indent=1)
+        log.info("round %d of %d done: %s", r + 1, cfg.onpolicy.rounds, record["seconds"])
+        done[r] = record
+    publish_final(cfg)
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML (with an onpolicy section, or its defaults)")
@@ -108,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from distil.ledger import LedgerError
-    from distil.onpolicy import run_rounds
     from teacher_serving.annotate import open_pool
     from teacher_serving.placement import PlacementError
     from teacher_serving.pool import StartOnFirstUse
