@@ -46,4 +46,5 @@ class OnPolicyConfig:
         require(p, self.temperature > 0, "temperature", f"must be positive (greedy answers are one sample, always "
                 f"the same), got {self.temperature}")
         require(p, self.max_new_tokens > 0, "max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        require(p, self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         raise_if(p)
