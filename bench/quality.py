@@ -33,7 +33,7 @@ After Stage 2 (docs/align.md), from arms already done, each paired with its pare
                     standard_matched
   dpo               the best fine-tuned arm aligned with DPO (launch/make_pairs.py, launch/align.py): its own
                     worst samples of the labelled and unlabelled reports rejected, the gold (teacher) summaries
-                    chosen; --dpo-learning-rate, --dpo-beta
+                    chosen; --dpo-learning-rate, --dpo-beta, --dpo-samples (samples per report)
 The teacher folder is not kept; its Stage 1 outputs and its fingerprint (teacher_model.json) are, so a
 fresh clone trains the remaining arms without it.
 Each arm is evaluated on the whole test split with the project's evaluation (launch/evaluate.py);
@@ -284,13 +284,20 @@ def align_arm(args, common: list[str], max_new: int, env: dict) -> list[str]:
     work = args.work / "dpo"
     overrides = [*common, f"align.policy={trained(args, parent, 'dpo')}", f"align.pairs_path={work / 'pairs.jsonl'}",
                  "align.splits=[train,unlabelled]", f"align.output_dir={work}", f"eval.max_new_tokens={max_new}",
-                 f"align.learning_rate={args.dpo_learning_rate}", f"align.beta={args.dpo_beta}"]
+                 f"align.learning_rate={args.dpo_learning_rate}", f"align.beta={args.dpo_beta}",
+                 f"align.samples_per_report={args.dpo_samples}"]
     if not (work / "hf" / "config.json").is_file():
         run([sys.executable, "launch/make_pairs.py", "--config", args.config, *overrides],
             args.work / "logs" / "pairs_dpo.log", env)
         run([*shlex.split(args.launcher), "launch/align.py", "--config", args.config, *overrides],
             args.work / "logs" / "align_dpo.log", {**env, "OMP_NUM_THREADS": "1"})
     return [parent]
+
+
+def pair_counts(work: Path) -> dict:
+    """How many reports of the dpo arm gave a pair (status ok) and how many had none to give (same)."""
+    rows = read_jsonl(work / "pairs.jsonl")
+    return {"ok": sum(r["status"] == "ok" for r in rows), "same": sum(r["status"] == "same" for r in rows)}
 
 
 def record_pace(path: Path, key_info: Path, name: str) -> None:
@@ -354,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS)
     parser.add_argument("--dpo-learning-rate", type=float, default=2e-6, help="align.learning_rate of the dpo arm")
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="align.beta of the dpo arm")
+    parser.add_argument("--dpo-samples", type=int, default=4,
+                        help="align.samples_per_report of the dpo arm (its rejected answer is the worst of them)")
     parser.add_argument("--kd-alpha", type=float, default=1.0, help="loss.kd_alpha of the distil_kd arm")
     parser.add_argument("--kd-beta", type=float, default=0.5, help="loss.kd_beta of the distil_kd arm (0.5 = JSD)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
@@ -471,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
                   "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
                   "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1),
                   **({"parents": parents} if parents else {}), "eval_pace": eval_pace(eval_dir, arm),
+                  **({"dpo": {"learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta,
+                              "samples_per_report": args.dpo_samples, "pairs": pair_counts(args.work / "dpo")}}
+                     if arm == "dpo" else {}),
                   **({"kd": {"alpha": args.kd_alpha, "beta": args.kd_beta, "temperature": 1.0,
                              "topk": cfg.teacher.topk_logprobs, "store": store_size(key_info)}}
                      if arm == "distil_kd" else {}),
