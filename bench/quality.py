@@ -33,7 +33,7 @@ After Stage 2 (docs/align.md), from arms already done, each paired with its pare
                     standard_matched
   dpo               the best fine-tuned arm aligned with DPO (launch/make_pairs.py, launch/align.py): its own
                     worst samples of the labelled and unlabelled reports rejected, the gold (teacher) summaries
-                    chosen; --dpo-learning-rate, --dpo-beta
+                    chosen; --dpo-learning-rate, --dpo-beta, --dpo-samples (samples per report)
 And on-policy distillation (docs/onpolicy.md):
   onpolicy          distil_kd's examples over --onpolicy-rounds rounds (one pass in all: its supervised tokens),
                     each round the student answering its share of the train and unlabelled reports, the teacher
@@ -290,7 +290,8 @@ def align_arm(args, common: list[str], max_new: int, env: dict) -> list[str]:
     work = args.work / "dpo"
     overrides = [*common, f"align.policy={trained(args, parent, 'dpo')}", f"align.pairs_path={work / 'pairs.jsonl'}",
                  "align.splits=[train,unlabelled]", f"align.output_dir={work}", f"eval.max_new_tokens={max_new}",
-                 f"align.learning_rate={args.dpo_learning_rate}", f"align.beta={args.dpo_beta}"]
+                 f"align.learning_rate={args.dpo_learning_rate}", f"align.beta={args.dpo_beta}",
+                 f"align.samples_per_report={args.dpo_samples}"]
     if not (work / "hf" / "config.json").is_file():
         run([sys.executable, "launch/make_pairs.py", "--config", args.config, *overrides],
             args.work / "logs" / "pairs_dpo.log", env)
@@ -299,7 +300,13 @@ def align_arm(args, common: list[str], max_new: int, env: dict) -> list[str]:
     return [parent]
 
 
-def onpolicy_arm(args, common: list[str], kd: list[str], gamma: float, env: dict) -> dict:
+def pair_counts(work: Path) -> dict:
+    """How many reports of the dpo arm gave a pair (status ok) and how many had none to give (same)."""
+    rows = read_jsonl(work / "pairs.jsonl")
+    return {"ok": sum(r["status"] == "ok" for r in rows), "same": sum(r["status"] == "same" for r in rows)}
+
+
+def onpolicy_arm(args, common: list[str], kd: list[str], gamma: float, env: dict) -> list[dict]:
     """`onpolicy`: launch/onpolicy.py from the base model with distil_kd's loss; returns its rounds' records."""
     out = args.work / "onpolicy"
     if not (out / "hf" / "config.json").is_file():
@@ -374,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onpolicy-rounds", type=int, default=4, help="onpolicy.rounds of the onpolicy arm")
     parser.add_argument("--onpolicy-weight", type=float, default=0.5, help="onpolicy.weight (lambda) of the onpolicy arm")
     parser.add_argument("--onpolicy-beta", type=float, default=1.0, help="onpolicy.beta of the onpolicy arm (1 = reverse KL)")
+    parser.add_argument("--dpo-samples", type=int, default=4,
+                        help="align.samples_per_report of the dpo arm (its rejected answer is the worst of them)")
     parser.add_argument("--kd-alpha", type=float, default=1.0, help="loss.kd_alpha of the distil_kd arm")
     parser.add_argument("--kd-beta", type=float, default=0.5, help="loss.kd_beta of the distil_kd arm (0.5 = JSD)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every step, e.g. train.max_steps=2")
@@ -496,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                   **({"parents": parents} if parents else {}), "eval_pace": eval_pace(eval_dir, arm),
                   **({"onpolicy": {"rounds": rounds, "weight": args.onpolicy_weight, "beta": args.onpolicy_beta}}
                      if arm == "onpolicy" else {}),
+                  **({"dpo": {"learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta,
+                              "samples_per_report": args.dpo_samples, "pairs": pair_counts(args.work / "dpo")}}
+                     if arm == "dpo" else {}),
                   **({"kd": {"alpha": args.kd_alpha, "beta": args.kd_beta, "temperature": 1.0,
                              "topk": cfg.teacher.topk_logprobs, "store": store_size(key_info)}}
                      if arm == "distil_kd" else {}),
