@@ -121,15 +121,26 @@ def student_examples(cfg: ExperimentConfig, tokenizer) -> tuple[list[dict], int]
 
 
 def publish_final(cfg: ExperimentConfig) -> Path:
-    """The last round's export, copied whole to onpolicy.output_dir/hf."""
+    """The last round's export at onpolicy.output_dir/hf, swapped in whole: its files hard-linked (no second copy
+    of a 7B model; copied where the filesystem cannot link); done again only when that export is newer."""
+    import os
     import shutil
 
     from distil.atomic import publish_dir
 
     last = round_dir(cfg.onpolicy.output_dir, cfg.onpolicy.rounds - 1) / TRAIN / "hf"
     final = Path(cfg.onpolicy.output_dir) / "hf"
+    if (final / "config.json").is_file() and (final / "config.json").stat().st_mtime >= (last / "config.json").stat().st_mtime:
+        return final
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     staged = final.with_name(".hf.new")
     shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(last, staged)
+    shutil.copytree(last, staged, copy_function=link_or_copy)
     publish_dir(staged, final)
     return final
