@@ -34,7 +34,7 @@ def sample_round(cfg: ExperimentConfig, r: int, engine_for: Callable[[str, objec
                       "prompt_version": PROMPT_VERSION}, "samples", "onpolicy.output_dir")
     wanted = [(record, task) for record in round_reports(cfg, r) for task in tasks]
     with Ledger(path, key=sample_key) as ledger:
-        todo = [(rec, task) for rec, task in wanted if f"{task}:{rec['id']}" not in ledger.done]
+        todo = [(rec, task) for rec, task in wanted if sample_key({"task": task, "id": rec["id"]}) not in ledger.done]
         stats = {"samples": len(wanted), "already_done": len(wanted) - len(todo), "sampled": 0, "cut": 0,
                  "truncated": 0, "answer_tokens": 0, "engine_start_s": 0.0, "generate_s": 0.0}
         if not todo:
