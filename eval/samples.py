@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Callable
 
 from distil.config import ExperimentConfig
 from distil.fingerprint import model_identity
@@ -21,7 +20,7 @@ from eval.generate import Decoding, check_meta, open_engine, prompt_ids
 log = logging.getLogger(__name__)
 
 
-def sample_round(cfg: ExperimentConfig, r: int, engine_for: Callable[[str, object], object] | None = None) -> dict:
+def sample_round(cfg: ExperimentConfig, r: int) -> dict:
     """Step 1: the student's answers for round r (only those not in samples.jsonl yet); counts, never text."""
     o = cfg.onpolicy
     folder = round_dir(o.output_dir, r)
@@ -40,7 +39,7 @@ def sample_round(cfg: ExperimentConfig, r: int, engine_for: Callable[[str, objec
         if not todo:
             return stats
         started = time.perf_counter()
-        engine = (engine_for or open_engine)(policy, e)
+        engine = open_engine(policy, e)
         stats["engine_start_s"] = round(time.perf_counter() - started, 3)
         try:
             end, stops = end_of_turn_id(engine.tokenizer), set(engine.tokenizer.all_special_ids)

@@ -94,8 +94,7 @@ def trainer(config: str, overrides: list[str], launcher: list[str], output_dir: 
     return train_round
 
 
-def run_rounds(cfg: ExperimentConfig, pool, train_round: Callable[[int, str], float],
-               engine_for: Callable | None = None) -> dict:
+def run_rounds(cfg: ExperimentConfig, pool, train_round: Callable[[int, str], float]) -> dict:
     """Every round not yet exported: sample, score (on `pool`, kept up across the rounds), then
     `train_round(r, policy)` (returns its export's seconds); each round's seconds per phase go to round.json,
     added up over the runs a kill split it into. Returns {round: its round.json}."""
@@ -115,7 +114,7 @@ def run_rounds(cfg: ExperimentConfig, pool, train_round: Callable[[int, str], fl
             continue
         phases = []
         t0 = time.perf_counter()
-        record["sample"] = sample_round(cfg, r, engine_for)
+        record["sample"] = sample_round(cfg, r)
         phases.append(("sample", time.perf_counter() - t0))
         t0 = time.perf_counter()
         record["score"] = score_round(cfg, r, pool)
