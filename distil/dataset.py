@@ -68,6 +68,7 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
     examples += extra
     encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
     kept = [e for e in encoded if e is not None]
+    dropped = len(encoded) - len(kept)  # before a round's share: the share is not a drop
     if share is not None:
         kept = [kept[i] for i in share(len(kept))]
     if topk is not None:
@@ -79,7 +80,7 @@ def build_packed_rows(tokenizer, records: list[dict], key_info: dict[str, str], 
     stats = PackingStats(
         reports=counts["reports"], examples=len(kept), extract_examples=sum(e["task"] == "extract" for e in kept),
         missing_key_info=counts["missing_key_info"], truncated=sum(e["truncated"] for e in kept),
-        dropped_answer_too_long=len(encoded) - len(kept), rows=len(rows), tokens=tokens,
+        dropped_answer_too_long=dropped, rows=len(rows), tokens=tokens,
         labelled_tokens=sum(answer_length(e["labels"]) for e in kept),
         row_fill=tokens / max(1, len(rows) * pack_length),
         teacher_topk=sum(e.get("teacher_topk") is not None for e in kept),

@@ -127,3 +127,25 @@ def test_two_rounds_killed_mid_round_train_on_exactly_their_samples(ray_head, pr
     assert set(sampled_by) == set(reports)  # the rounds together sampled every report once
     # the published student is the last round's export
     assert model_identity(str(out / "hf")) == model_identity(str(round_dir(out, ROUNDS - 1) / TRAIN / "hf"))
+
+
+def test_a_rounds_share_is_not_counted_as_dropped(tiny_model, prepared_dir):
+    """A round keeps share(n) of the supervised examples: the rest are another round's, not dropped ones."""
+    from transformers import AutoTokenizer
+
+    from distil.data import read_prepared, training_examples
+    from distil.dataset import build_packed_rows
+    from distil.tokenization import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    records = read_prepared(prepared_dir / "train.jsonl")
+    examples, _ = training_examples(records, {}, 1.0)
+    max_length = sorted(len(tokenizer(ex["answer"])["input_ids"]) for ex in examples)[-3]  # the longest few cannot fit
+    too_long = sum(encode_example(tokenizer, ex, max_length) is None for ex in examples)
+    sample = encode_example(tokenizer, {"id": records[0]["id"], "task": "student_summary", "lang": "en",
+                                        "report": records[0]["report"], "answer": "A short answer."}, max_length)
+    _, stats = build_packed_rows(tokenizer, records, {}, 1.0, max_length, 4 * max_length,
+                                 share=lambda n: [0, 2], own=([sample], 1))
+    assert too_long > 0
+    assert (stats.examples, stats.dropped_answer_too_long, stats.student_samples, stats.unscored_samples) == \
+        (3, too_long, 1, 1)
