@@ -39,6 +39,9 @@ And on-policy distillation (docs/onpolicy.md):
                     each round the student answering its share of the train and unlabelled reports, the teacher
                     grading every sampled token (launch/onpolicy.py; weight --onpolicy-weight, divergence
                     --onpolicy-beta); paired with standard_matched and distil_kd, per-round seconds recorded
+  onpolicy_after_kd distil_kd's student, then --onpolicy-rounds rounds of its own samples graded by the teacher
+                    alone (weight 1: no supervised example again; the published order, on-policy after SFT);
+                    paired with its parent distil_kd and with standard_matched
 The teacher folder is not kept; its Stage 1 outputs and its fingerprint (teacher_model.json) are, so a
 fresh clone trains the remaining arms without it.
 Each arm is evaluated on the whole test split with the project's evaluation (launch/evaluate.py);
@@ -86,8 +89,9 @@ MULTI_ARMS = {"multi_each": "distil", "multi_best_grounded": "distil", "multi_mi
 # after Stage 2 (docs/align.md), from arms already done: `merged` = the linear soup of the best distillation arm and
 # standard_matched, `dpo` = DPO of the best fine-tuned arm against its own worst samples; each paired with its parents
 AFTER_ARMS = ("merged", "dpo")
-ONPOLICY_ARMS = ("onpolicy",)
-DISTILLATION_ARMS = ("distil", "distil_kd", "seqkd", "distil_seqkd", "onpolicy")
+# on-policy: the arm it starts from (None: the base model, distil_kd's supervised examples shared over the rounds)
+ONPOLICY_ARMS = {"onpolicy": None, "onpolicy_after_kd": "distil_kd"}
+DISTILLATION_ARMS = ("distil", "distil_kd", "seqkd", "distil_seqkd", *ONPOLICY_ARMS)
 METRICS = ("rougeL", "rouge1", "rouge2", "bertscore_f1", "copy4", "unsupported_numbers", "novel_terms", "repeat4")
 LOWER_IS_BETTER = ("unsupported_numbers", "novel_terms", "repeat4")
 GOLD = ("ref_copy4", "ref_unsupported_numbers", "ref_novel_terms", "ref_repeat4")  # the test references' own rates
@@ -306,15 +310,19 @@ def pair_counts(work: Path) -> dict:
     return {"ok": sum(r["status"] == "ok" for r in rows), "same": sum(r["status"] == "same" for r in rows)}
 
 
-def onpolicy_arm(args, common: list[str], kd: list[str], gamma: float, env: dict) -> list[dict]:
-    """`onpolicy`: launch/onpolicy.py from the base model with distil_kd's loss; returns its rounds' records."""
-    out = args.work / "onpolicy"
+def onpolicy_arm(args, arm: str, common: list[str], kd: list[str], gamma: float, env: dict) -> tuple[list[dict], float]:
+    """launch/onpolicy.py with distil_kd's loss, from the base model (`onpolicy`) or from a trained arm at weight 1
+    (`onpolicy_after_kd`); returns its rounds' records and its weight."""
+    parent = ONPOLICY_ARMS[arm]
+    start = [f"model.name_or_path={trained(args, parent, arm)}"] if parent else []
+    weight = 1.0 if parent else args.onpolicy_weight
+    out = args.work / arm
     if not (out / "hf" / "config.json").is_file():
         run([sys.executable, "launch/onpolicy.py", "--config", args.config, "--launcher", args.launcher, *common,
-             f"loss.gamma={gamma}", *kd, f"onpolicy.output_dir={out}", f"onpolicy.rounds={args.onpolicy_rounds}",
-             f"onpolicy.weight={args.onpolicy_weight}", f"onpolicy.beta={args.onpolicy_beta}",
-             "onpolicy.splits=[train,unlabelled]"], args.work / "logs" / "onpolicy.log", env)
-    return [json.loads((out / f"round-{r:03d}" / "round.json").read_text()) for r in range(args.onpolicy_rounds)]
+             *start, f"loss.gamma={gamma}", *kd, f"onpolicy.output_dir={out}", f"onpolicy.rounds={args.onpolicy_rounds}",
+             f"onpolicy.weight={weight}", f"onpolicy.beta={args.onpolicy_beta}",
+             "onpolicy.splits=[train,unlabelled]"], args.work / "logs" / f"{arm}.log", env)
+    return [json.loads((out / f"round-{r:03d}" / "round.json").read_text()) for r in range(args.onpolicy_rounds)], weight
 
 
 def record_pace(path: Path, key_info: Path, name: str) -> None:
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="loss.teacher_summary_weight of the seqkd arms")
     parser.add_argument("--second-teacher", help="trained teacher: the other teacher of the multi_* arms (default: "
                                                  "the student's base model, model.name_or_path)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS + ONPOLICY_ARMS)
+    parser.add_argument("--arms", nargs="+", choices=ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS + tuple(ONPOLICY_ARMS))
     parser.add_argument("--dpo-learning-rate", type=float, default=2e-6, help="align.learning_rate of the dpo arm")
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="align.beta of the dpo arm")
     parser.add_argument("--onpolicy-rounds", type=int, default=4, help="onpolicy.rounds of the onpolicy arm")
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         args.unlabelled_reports = 200 if args.teacher_reports else 0
     if args.train_reports is None:
         args.train_reports = 60 if args.trained_teacher else 160
-    all_arms = ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS + ONPOLICY_ARMS if args.teacher_reports else ARMS
+    all_arms = ARMS + TEACHER_ARMS + tuple(MULTI_ARMS) + AFTER_ARMS + tuple(ONPOLICY_ARMS) if args.teacher_reports else ARMS
     args.arms = args.arms or list(all_arms)
     if not args.teacher_reports and set(args.arms) - set(ARMS):
         raise SystemExit(f"error: arms {sorted(set(args.arms) - set(ARMS))} need a trained teacher "
@@ -478,9 +486,10 @@ def main(argv: list[str] | None = None) -> int:
             parents = merge_arms(args, common, env)
         elif arm == "dpo":
             parents = align_arm(args, common, max_new, env)
-        elif arm == "onpolicy":
-            rounds = onpolicy_arm(args, common, kd, cfg.loss.gamma, {**env, "OMP_NUM_THREADS": "1"})
-            train_tokens = {**budget["distil"], "epochs": 1.0}
+        elif arm in ONPOLICY_ARMS:
+            rounds, weight = onpolicy_arm(args, arm, common, kd, cfg.loss.gamma, {**env, "OMP_NUM_THREADS": "1"})
+            train_tokens = {**budget["distil"], "epochs": 1.0}  # after_kd: its parent's, none of its own
+            parents = [ONPOLICY_ARMS[arm]] if ONPOLICY_ARMS[arm] else []
         elif plan[arm] is not None:
             gamma, arm_overrides, *arm_epochs = plan[arm]
             arm_epochs = arm_epochs[0] if arm_epochs else epochs
@@ -503,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                   "train_tokens_all": train_tokens["tokens"], "epochs": train_tokens["epochs"],
                   "wall_s": round(time.time() - t0, 1), "train_wall_s": round(train_s, 1),
                   **({"parents": parents} if parents else {}), "eval_pace": eval_pace(eval_dir, arm),
-                  **({"onpolicy": {"rounds": rounds, "weight": args.onpolicy_weight, "beta": args.onpolicy_beta}}
-                     if arm == "onpolicy" else {}),
+                  **({"onpolicy": {"rounds": rounds, "weight": weight, "beta": args.onpolicy_beta}}
+                     if arm in ONPOLICY_ARMS else {}),
                   **({"dpo": {"learning_rate": args.dpo_learning_rate, "beta": args.dpo_beta,
                               "samples_per_report": args.dpo_samples, "pairs": pair_counts(args.work / "dpo")}}
                      if arm == "dpo" else {}),
@@ -519,9 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     done = {arm: json.loads((results_dir / f"{arm}.json").read_text()) for arm in all_arms
             if (results_dir / f"{arm}.json").is_file()}
     pairs = PAIRS if not args.teacher_reports else tuple(
-        (arm, "standard_matched") for arm in ("distil", "distil_kd", "seqkd", "distil_seqkd", "onpolicy", "teacher"))
+        (arm, "standard_matched") for arm in (*DISTILLATION_ARMS, "teacher"))
     pairs += (("onpolicy", "distil_kd"),) if args.teacher_reports else ()
-    pairs += tuple((arm, parent) for arm in AFTER_ARMS if arm in done for parent in done[arm].get("parents", []))
+    pairs += tuple((arm, parent) for arm in (*AFTER_ARMS, *ONPOLICY_ARMS) if arm in done
+                   for parent in done[arm].get("parents", []))
     multi = {f"{arm}_minus_best_single": paired(done[arm]["per_report"], done[single]["per_report"],
                                                 cfg.eval.bootstrap_samples, cfg.eval.seed)
              for arm, single in MULTI_ARMS.items() if arm in done and single in done}

@@ -138,10 +138,10 @@ def load_train_rows(tokenizer, prepared_dir: str, key_info_path: str | None, gam
         topk.check_tokenizer(tokenizer, student)
     share, own = None, ((), 0)
     if onpolicy is not None:
-        from distil.onpolicy import round_share, student_examples
+        from distil.onpolicy import student_examples, supervised_share
 
         o = onpolicy.onpolicy
-        share = lambda n: round_share(n, o.rounds, o.round, o.seed)  # noqa: E731
+        share = lambda n: supervised_share(n, o.rounds, o.round, o.seed, o.weight)  # noqa: E731
         own = student_examples(onpolicy, tokenizer)
     rows, stats = build_packed_rows(tokenizer, records, key_info, gamma, max_length, pack_length, topk,
                                     unlabelled, summaries, share, own)

@@ -48,6 +48,11 @@ def round_share(n: int, rounds: int, r: int, seed: int) -> list[int]:
     return sorted(order[r * n // rounds:(r + 1) * n // rounds])
 
 
+def supervised_share(n: int, rounds: int, r: int, seed: int, weight: float) -> list[int]:
+    """Round r's share of the n supervised examples; none at weight 1, where they weigh 0 (the samples alone)."""
+    return [] if weight >= 1.0 else round_share(n, rounds, r, seed)
+
+
 def round_dir(output_dir: str | Path, r: int) -> Path:
     return Path(output_dir) / f"round-{r:03d}"
 

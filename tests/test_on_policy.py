@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO, free_port
 from distil.data import read_jsonl
 from distil.fingerprint import model_identity
-from distil.onpolicy import SAMPLES, STORE, TRAIN, round_dir, round_share
+from distil.onpolicy import SAMPLES, STORE, TRAIN, round_dir, round_share, supervised_share
 from distil.teacher_topk import sequence_fingerprint
 
 TRAIN_REPORTS, UNLABELLED, ROUNDS = 4, 2, 2
@@ -149,3 +149,11 @@ def test_a_rounds_share_is_not_counted_as_dropped(tiny_model, prepared_dir):
     assert too_long > 0
     assert (stats.examples, stats.dropped_answer_too_long, stats.student_samples, stats.unscored_samples) == \
         (3, too_long, 1, 1)
+
+
+def test_rounds_share_the_supervised_examples_unless_they_weigh_nothing():
+    shares = [supervised_share(10, 3, r, 0, 0.5) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 4]
+    assert sorted(i for s in shares for i in s) == list(range(10))  # every example once over the rounds
+    assert shares[1] == round_share(10, 3, 1, 0)
+    assert [supervised_share(10, 3, r, 0, 1.0) for r in range(3)] == [[], [], []]  # weight 1: the samples alone
