@@ -21,7 +21,8 @@ class OnPolicyConfig:
         "Prompts the student answers (summarize, extract); a task whose weight is 0 (extract at loss.gamma 1) "
         "is skipped.", factory=lambda: list(SAMPLED_TASKS))
     weight: float = option(
-        "lambda: L = (1 - lambda) * the supervised loss + lambda * the KD on the student's own samples.", 0.5)
+        "lambda: L = (1 - lambda) * the supervised loss + lambda * the KD on the student's own samples; at 1 the "
+        "samples alone (no supervised example is packed: after SFT, model.name_or_path the fine-tuned student).", 0.5)
     beta: float = option(
         "The divergence on the student's samples (distil/kd_loss.py): 1 = reverse KL(student || teacher), the "
         "published default of on-policy distillation; 0 = forward KL; between: generalized JSD.", 1.0)
