@@ -53,6 +53,15 @@ def supervised_share(n: int, rounds: int, r: int, seed: int, weight: float) -> l
     return [] if weight >= 1.0 else round_share(n, rounds, r, seed)
 
 
+def add_up(before: dict | None, now: dict) -> dict:
+    """A phase's counts over the runs a kill split a round into: each run counts only what it did itself (a
+    resumed run finds the answers sampled), so the round's counts are the sums; `samples` (the share) is the round's."""
+    if not before:
+        return now
+    return {k: v if k == "samples" or not isinstance(v, (int, float)) else round(before.get(k, 0) + v, 3)
+            for k, v in now.items()}
+
+
 def round_dir(output_dir: str | Path, r: int) -> Path:
     return Path(output_dir) / f"round-{r:03d}"
 

@@ -96,9 +96,10 @@ def trainer(config: str, overrides: list[str], launcher: list[str], output_dir: 
 
 def run_rounds(cfg: ExperimentConfig, pool, train_round: Callable[[int, str], float]) -> dict:
     """Every round not yet exported: sample, score (on `pool`, kept up across the rounds), then
-    `train_round(r, policy)` (returns its export's seconds); each round's seconds per phase go to round.json,
-    added up over the runs a kill split it into. Returns {round: its round.json}."""
-    from distil.onpolicy import ROUND, STORE, TRAIN, policy_of, publish_final, round_dir
+    `train_round(r, policy)` (returns its export's seconds); each round's seconds and counts per phase go to
+    round.json after the phase, added up over the runs a kill split it into (a phase the kill cut short counts
+    from its rerun). Returns {round: its round.json}."""
+    from distil.onpolicy import ROUND, STORE, TRAIN, add_up, policy_of, publish_final, round_dir
     from eval.samples import sample_round
     from teacher_serving.score_samples import score_round
 
@@ -112,18 +113,17 @@ def run_rounds(cfg: ExperimentConfig, pool, train_round: Callable[[int, str], fl
         if (folder / TRAIN / "hf" / "config.json").is_file():
             done[r] = record
             continue
-        phases = []
         t0 = time.perf_counter()
-        record["sample"] = sample_round(cfg, r)
-        phases.append(("sample", time.perf_counter() - t0))
+        record["sample"] = add_up(record.get("sample"), sample_round(cfg, r))
+        record["seconds"]["sample"] = round(record["seconds"]["sample"] + time.perf_counter() - t0, 3)
+        write_json(record_path, record, indent=1)  # a kill while scoring keeps what sampling counted
         t0 = time.perf_counter()
-        record["score"] = score_round(cfg, r, pool)
-        if record["score"]["failed"]:
-            raise RuntimeError(f"round {r}: the teacher failed to score {record['score']['failed']} report(s) "
+        scored = score_round(cfg, r, pool)
+        if scored["failed"]:
+            raise RuntimeError(f"round {r}: the teacher failed to score {scored['failed']} report(s) "
                                f"({folder / STORE}); rerun to retry them (nothing done is lost)")
-        phases.append(("score", time.perf_counter() - t0))
-        for name, seconds in phases:
-            record["seconds"][name] = round(record["seconds"][name] + seconds, 3)
+        record["score"] = add_up(record.get("score"), scored)
+        record["seconds"]["score"] = round(record["seconds"]["score"] + time.perf_counter() - t0, 3)
         write_json(record_path, record, indent=1)
         t0 = time.perf_counter()
         export_s = train_round(r, policy_of(cfg, r))

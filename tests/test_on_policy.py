@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO, free_port
 from distil.data import read_jsonl
 from distil.fingerprint import model_identity
-from distil.onpolicy import SAMPLES, STORE, TRAIN, round_dir, round_share, supervised_share
+from distil.onpolicy import SAMPLES, STORE, TRAIN, add_up, round_dir, round_share, supervised_share
 from distil.teacher_topk import sequence_fingerprint
 
 TRAIN_REPORTS, UNLABELLED, ROUNDS = 4, 2, 2
@@ -157,3 +157,13 @@ def test_rounds_share_the_supervised_examples_unless_they_weigh_nothing():
     assert sorted(i for s in shares for i in s) == list(range(10))  # every example once over the rounds
     assert shares[1] == round_share(10, 3, 1, 0)
     assert [supervised_share(10, 3, r, 0, 1.0) for r in range(3)] == [[], [], []]  # weight 1: the samples alone
+
+
+def test_a_resumed_round_adds_its_counts_to_those_of_the_run_a_kill_stopped():
+    first = {"samples": 130, "already_done": 0, "sampled": 60, "cut": 7, "answer_tokens": 9000, "generate_s": 70.5}
+    resumed = {"samples": 130, "already_done": 60, "sampled": 70, "cut": 9, "answer_tokens": 10389, "generate_s": 80.25}
+    assert add_up(first, resumed) == {"samples": 130, "already_done": 60, "sampled": 130, "cut": 16,
+                                      "answer_tokens": 19389, "generate_s": 150.75}
+    nothing_left = {"samples": 130, "already_done": 130, "sampled": 0, "cut": 0, "answer_tokens": 0, "generate_s": 0.0}
+    assert add_up(add_up(first, resumed), nothing_left)["cut"] == 16  # a rerun that found all done loses nothing
+    assert add_up(None, first) == first
